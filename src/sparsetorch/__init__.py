@@ -1,0 +1,18 @@
+"""sparsetorch: make PyTorch models sparse, and make the sparsity pay."""
+
+from sparsetorch.oneshot import PruneConfig, PruneReport, prune
+from sparsetorch.patterns import NM, Block, Pattern, Unstructured, parse_pattern
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NM",
+    "Block",
+    "Pattern",
+    "PruneConfig",
+    "PruneReport",
+    "Unstructured",
+    "__version__",
+    "parse_pattern",
+    "prune",
+]

@@ -1,0 +1,297 @@
+"""The `sparsetorch` command line: prune, eval, inspect and demo.
+
+Every command works offline on the bundled SmolLM2-135M and Shakespeare text by
+default, and on any local Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from sparsetorch import __version__
+
+__all__ = ["main"]
+
+EXAMPLES = """examples:
+  sparsetorch prune --method sparsegpt --pattern 2:4 --out smollm2-24
+  sparsetorch prune ./my-llama --method wanda --sparsity 0.6 --out my-llama-60
+  sparsetorch eval smollm2-24 --compare
+  sparsetorch inspect smollm2-24
+  sparsetorch demo
+"""
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; printed as one line, exit status 2."""
+
+
+def _add_data_options(parser: argparse.ArgumentParser, calibration: bool, evaluation: bool) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    if calibration:
+        group.add_argument("--calib-samples", type=int, default=64,
+                           help="calibration windows drawn from the calibration plays (default: 64)")
+        group.add_argument("--calib-text", type=Path, help="a UTF-8 text file to calibrate on instead of the bundled text")
+        group.add_argument("--seed", type=int, default=0, help="seed for window offsets and random pruning (default: 0)")
+    if evaluation:
+        group.add_argument("--eval-tokens", type=int, default=16384,
+                           help="held-out tokens for perplexity (default: 16384)")
+        group.add_argument("--eval-text", type=Path, help="a UTF-8 text file to evaluate on instead of the held-out plays")
+
+
+def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> None:
+    from sparsetorch.oneshot.solvers import SOLVERS
+
+    group = parser.add_argument_group("pruning")
+    methods = ", ".join(f"{name} ({solver.summary})" for name, solver in sorted(SOLVERS.items()))
+    group.add_argument("--method", default=default_method, help=f"{methods}. Default: {default_method}")
+    group.add_argument("--sparsity", type=float,
+                       help="fraction of weights to zero in each layer, in [0, 1) (default: 0.5; N:M implies it)")
+    group.add_argument("--pattern", help="unstructured | unstructured-row | N:M (e.g. 2:4) | block-HxW "
+                       "(default: unstructured-row for wanda, unstructured otherwise)")
+    group.add_argument("--targets", nargs="+",
+                       help="modules to prune: names, class names or 're:<regex>' (default: every Linear)")
+    group.add_argument("--ignore", nargs="+", default=["lm_head"], help="modules to keep dense (default: lm_head)")
+    group.add_argument("--blocks", help="dotted path of the decoder-block list, for model families sparsetorch does not know")
+    group.add_argument("--batch-size", type=int, default=4,
+                       help="calibration windows per forward; results do not depend on it (default: 4)")
+    group.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default: 0.01)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="output directory (default: pruned/<model>-<method>-<pattern>)")
+    out.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    out.add_argument("--codec", choices=["zstd", "none"], default="zstd",
+                     help="lossless coding of the compressed weights; 'none' writes exactly the "
+                          "compressed-tensors 0.14 layout (default: zstd)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsetorch",
+        description="Make PyTorch models sparse, and make the sparsity pay: prune one-shot, "
+                    "store compressed, measure quality, size and speed.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sparsetorch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    prune = sub.add_parser("prune", help="prune a model one-shot with calibration text and save it",
+                           description="Prune a causal LM one-shot and write a directory that plain transformers "
+                                       "loads (dense) plus its compressed form and sparsity.json.")
+    prune.add_argument("model", nargs="?", help="local HF model directory (default: the bundled SmolLM2-135M-Instruct)")
+    _add_prune_options(prune, "wanda")
+    _add_data_options(prune, calibration=True, evaluation=False)
+    prune.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluate = sub.add_parser("eval", help="perplexity on held-out text",
+                              description="Perplexity on fixed non-overlapping windows of held-out text.")
+    evaluate.add_argument("model", nargs="?", help="model directory (default: the bundled model)")
+    evaluate.add_argument("--compressed", action="store_true", help="load the compressed weights of a pruned directory")
+    evaluate.add_argument("--compare", action="store_true", help="also evaluate the model it was pruned from")
+    _add_data_options(evaluate, calibration=False, evaluation=True)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    inspect = sub.add_parser("inspect", help="per-layer sparsity table and heatmap",
+                             description="Print per-layer sparsity and save a heatmap PNG.")
+    inspect.add_argument("model", help="model directory")
+    inspect.add_argument("--plot", type=Path, help="where to save the PNG (default: <model>/sparsity.png)")
+    inspect.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    demo = sub.add_parser("demo", help="prune the bundled LLM and report quality, size and speed",
+                          description="The whole pipeline on the bundled SmolLM2-135M: dense and sparse perplexity, "
+                                      "file sizes, decode speed, a report and plots.")
+    _add_prune_options(demo, "sparsegpt")
+    _add_data_options(demo, calibration=True, evaluation=True)
+    demo.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens for the decode-speed test (default: 128)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from sparsetorch.formats.checkpoint import CorruptFileError
+
+    handlers = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "demo": _cmd_demo}
+    if getattr(args, "quiet", False):
+        _silence_transformers()
+    try:
+        return handlers[args.command](args)
+    except (UserError, ValueError, TypeError, FileNotFoundError, FileExistsError, CorruptFileError) as err:
+        print(f"sparsetorch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparsetorch {args.command}: interrupted; nothing was written to the output", file=sys.stderr)
+        return 130
+
+
+def _silence_transformers() -> None:
+    """--quiet: transformers' own loading and saving bars go too."""
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+# ---- commands --------------------------------------------------------------------------
+
+
+def _config_from_args(args):
+    from sparsetorch.oneshot.config import PruneConfig
+
+    return PruneConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        targets=args.targets,
+        ignore=tuple(args.ignore),
+        blocks=args.blocks,
+        batch_size=args.batch_size,
+        dampening=args.dampening,
+        seed=args.seed,
+    )
+
+
+def _default_out(model_path: str | None, config, root: str = "pruned") -> Path:
+    from sparsetorch.models import DEMO_MODEL
+
+    name = Path(model_path).name if model_path else DEMO_MODEL
+    pattern = config.pattern.replace(":", "of") if ":" in config.pattern else f"{config.pattern}{round(config.sparsity * 100)}"
+    return Path(root) / f"{name}-{config.method}-{pattern}"
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory {out} already exists; pass --overwrite to replace it, or choose another --out")
+
+
+def _read_text(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _calibration(args, tokenizer, config):
+    from sparsetorch.data import calibration_windows
+    from sparsetorch.oneshot.solvers import get_solver
+
+    if get_solver(config.method).statistic is None:
+        return None, {"source": None, "note": f"{config.method} needs no calibration data"}
+    calib_text = _read_text(args.calib_text)
+    if calib_text is None:
+        from sparsetorch.data import demo_text
+
+        split = demo_text()
+        calib_text, source, parts = split.calibration, split.source, list(split.calibration_parts)
+    else:
+        source, parts = str(args.calib_text), [str(args.calib_text)]
+    windows = calibration_windows(tokenizer, calib_text, args.calib_samples, args.seqlen, seed=args.seed)
+    info = {"source": source, "parts": parts, "samples": args.calib_samples, "seqlen": args.seqlen, "seed": args.seed}
+    return windows, info
+
+
+def _eval_windows(args, tokenizer):
+    from sparsetorch.data import demo_text, evaluation_windows
+
+    text = _read_text(args.eval_text)
+    source = str(args.eval_text)
+    if text is None:
+        split = demo_text()
+        text, source = split.evaluation, f"{split.source}: {', '.join(split.evaluation_parts)}"
+    return evaluation_windows(tokenizer, text, args.eval_tokens, args.seqlen), source
+
+
+def _sizes(out: Path) -> tuple[int, int]:
+    from sparsetorch.evaluate.report import file_size
+
+    return file_size(out / "model.safetensors"), file_size(out / "compressed" / "model.safetensors")
+
+
+def _cmd_prune(args) -> int:
+    from sparsetorch.formats.pruned import save_pruned
+    from sparsetorch.models import load_model
+    from sparsetorch.oneshot.pipeline import prune
+
+    config = _config_from_args(args)
+    out = args.out or _default_out(args.model, config)
+    _check_out(out, args.overwrite)
+    model, tokenizer, path = load_model(args.model, progress=not args.quiet)
+    windows, calibration = _calibration(args, tokenizer, config)
+    report = prune(model, windows, config, progress=not args.quiet)
+    print(f"pruned {len(report.layers)} layers with {config.method} ({config.pattern}) in {report.seconds:.1f} s: "
+          f"sparsity {report.sparsity:.2%}")
+    save_pruned(model, out, report, tokenizer=tokenizer, calibration=calibration, source=str(path),
+                codec=args.codec, overwrite=args.overwrite)
+    dense, compressed = _sizes(out)
+    print(f"dense weights       {dense / 1e6:8.1f} MB  {out / 'model.safetensors'}")
+    print(f"compressed weights  {compressed / 1e6:8.1f} MB  {out / 'compressed' / 'model.safetensors'}  "
+          f"({compressed / dense:.2f}x of dense, codec {args.codec})")
+    print(f"saved to {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from sparsetorch.evaluate.perplexity import perplexity
+    from sparsetorch.formats.pruned import load_pruned, read_sparsity
+    from sparsetorch.models import load_model
+
+    if args.compressed:
+        if args.model is None:
+            raise UserError("--compressed needs the directory of a pruned model")
+        model = load_pruned(args.model, compressed=True)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(Path(args.model))
+        path = Path(args.model)
+    else:
+        model, tokenizer, path = load_model(args.model, progress=not args.quiet)
+    windows, source = _eval_windows(args, tokenizer)
+    ppl = perplexity(model, windows, progress=not args.quiet)
+    print(f"perplexity {ppl:.3f}  ({path}; {windows.numel()} tokens of {source}, windows of {args.seqlen})")
+    if args.compare:
+        record = read_sparsity(path)
+        base, _, _ = load_model(record["source_model"], progress=not args.quiet)
+        base_ppl = perplexity(base, windows, progress=not args.quiet)
+        print(f"perplexity {base_ppl:.3f}  (dense source {record['source_model']}); "
+              f"sparse/dense = {ppl / base_ppl:.3f}x at sparsity {record['sparsity']:.2%}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from sparsetorch.evaluate.inspect import format_table, layer_sparsity, plot_sparsity
+
+    rows = layer_sparsity(args.model)
+    if args.json:
+        print(json.dumps([{"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity} for r in rows], indent=2))
+    else:
+        print(format_table(rows))
+    plot = plot_sparsity(rows, args.plot or Path(args.model) / "sparsity.png", title=str(args.model))
+    print(f"heatmap: {plot}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from sparsetorch.evaluate.demo import run_demo
+
+    config = _config_from_args(args)
+    out = args.out or _default_out(None, config, root="demo-out")
+    _check_out(out, args.overwrite)
+    started = time.perf_counter()
+    run_demo(args, config, out)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

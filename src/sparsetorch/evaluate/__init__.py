@@ -1,0 +1,1 @@
+"""Measuring: perplexity, speed, size, per-layer inspection, reports."""

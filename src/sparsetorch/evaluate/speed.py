@@ -1,0 +1,72 @@
+"""Inference speed: prefill and greedy-decode tokens per second, medians of repeats.
+
+Dense and sparse models go through the very same loop, so their ratio measures the
+weights, not the harness. The loop is a plain KV-cache decode (no sampling, no
+`generate` bookkeeping), which is also what a lean server would run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SpeedResult", "greedy_decode", "measure_decode", "measure_prefill"]
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """Median tokens per second over `repeats` timed runs (after one warm-up run)."""
+
+    tokens_per_second: float
+    seconds: tuple[float, ...]
+    tokens: int
+
+
+@torch.inference_mode()
+def greedy_decode(model: nn.Module, prompt: Tensor, new_tokens: int) -> tuple[Tensor, float]:
+    """Greedy continuation of a (1, T) prompt.
+
+    Returns:
+        (the new_tokens generated ids, seconds spent after the prompt's prefill).
+    """
+    out = model(input_ids=prompt, use_cache=True)
+    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
+    generated = [token]
+    started = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        generated.append(token)
+    seconds = time.perf_counter() - started
+    return torch.cat(generated, dim=1)[0], seconds
+
+
+def _median(seconds: list[float], tokens: int) -> SpeedResult:
+    return SpeedResult(tokens / statistics.median(seconds), tuple(seconds), tokens)
+
+
+def measure_decode(model: nn.Module, prompt: Tensor, new_tokens: int = 128, repeats: int = 3) -> SpeedResult:
+    """Decode speed: tokens per second of the greedy single-token steps after `prompt`.
+
+    The memory-bound regime that dominates chat latency; one untimed warm-up run first.
+    """
+    greedy_decode(model, prompt, new_tokens)
+    seconds = [greedy_decode(model, prompt, new_tokens)[1] for _ in range(repeats)]
+    return _median(seconds, new_tokens - 1)
+
+
+@torch.inference_mode()
+def _prefill_seconds(model: nn.Module, ids: Tensor) -> float:
+    started = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - started
+
+
+def measure_prefill(model: nn.Module, ids: Tensor, repeats: int = 3) -> SpeedResult:
+    """Prefill speed: one forward over a (B, T) batch, tokens = B * T."""
+    _prefill_seconds(model, ids)
+    return _median([_prefill_seconds(model, ids) for _ in range(repeats)], ids.numel())

@@ -1,0 +1,266 @@
+"""Saving and loading pruned models: a dense HF directory plus its compressed form.
+
+    out/
+      config.json, model.safetensors, tokenizer files   plain `transformers` loads this (dense)
+      sparsity.json                                      per-layer sparsity, method, calibration
+      compressed/
+        config.json       with compressed-tensors' `quantization_config.sparsity_config`
+        model.safetensors  sparse-bitmask layout; with codec 'zstd' each tensor is also
+                           losslessly entropy-coded (`sparsetorch.formats.codec`)
+        sparsetorch.json   codec, tied weights and the SHA-256 of each file
+
+With `codec='none'` the compressed directory is exactly what compressed-tensors 0.14
+reads. Everything is written to a temporary directory beside `out` and renamed into
+place at the end, so an interrupted save never leaves a half-written `out`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from sparsetorch.formats import codec as codecs
+from sparsetorch.formats.bitmask import BitmaskTensor, CorruptTensorError
+
+__all__ = [
+    "COMPRESSED_DIR",
+    "CorruptFileError",
+    "atomic_directory",
+    "load_compressed_model",
+    "read_compressed_state_dict",
+    "write_compressed",
+]
+
+COMPRESSED_DIR = "compressed"
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "sparsetorch.json"
+_CODEC_KEY = "sparsetorch.codec"
+
+
+class CorruptFileError(ValueError):
+    """A compressed file that is truncated, damaged or inconsistent."""
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces `target` only if the block succeeds.
+
+    Raises:
+        FileExistsError: `target` exists and `overwrite` is False (checked before any work).
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output directory {target} already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(retired / "old")
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """State dict without tied duplicates, and the alias -> kept name map."""
+    state, tied, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if tensor.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        state[name] = tensor.detach().contiguous()
+    return state, tied
+
+
+def _compressed_tensors_config(model: nn.Module, structure: str, ignore: Iterable[str], sparsity: float) -> dict:
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    config.pop("quantization_config", None)
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "version": "0.14.0",
+        "transform_config": {},
+        "sparsity_config": {
+            "format": "sparse-bitmask",
+            "global_sparsity": round(sparsity, 6),
+            "registry_requires_subclass": False,
+            "sparsity_structure": structure,
+            "targets": ["Linear"],
+            "ignore": list(ignore),
+        },
+    }
+    return config
+
+
+def write_compressed(
+    model: nn.Module,
+    directory: Path,
+    sparse_layers: Iterable[str],
+    *,
+    structure: str = "unstructured",
+    ignore: Iterable[str] = ("lm_head",),
+    codec: str = "zstd",
+) -> Path:
+    """Write `model` to `directory` in sparse-bitmask layout; return the weights file.
+
+    Args:
+        sparse_layers: module names whose `.weight` is stored as a bitmask; the rest stay dense.
+        structure: compressed-tensors' `sparsity_structure` ('unstructured' or 'N:M').
+        codec: 'zstd' (smaller, sparsetorch reads it) or 'none' (compressed-tensors reads it).
+    """
+    if codec not in codecs.CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {list(codecs.CODECS)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state, tied = _unique_state(model)
+    tensors: dict[str, Tensor] = {}
+    zeros = total = 0
+    for name in sparse_layers:
+        weight = state.pop(f"{name}.weight")
+        packed = BitmaskTensor.from_dense(weight)
+        tensors.update(packed.state_dict(name))
+        zeros += weight.numel() - packed.values.numel()
+        total += weight.numel()
+    tensors.update(state)
+    metadata = {"format": "pt"}
+    if codec == "zstd":
+        layout = {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for name, t in tensors.items()}
+        tensors = {name: codecs.encode(t) for name, t in tensors.items()}
+        metadata[_CODEC_KEY] = json.dumps({"codec": "zstd-byteplanes", "tensors": layout})
+    weights = directory / WEIGHTS_FILE
+    save_file(tensors, weights, metadata=metadata)
+    config = _compressed_tensors_config(model, structure, ignore, zeros / total if total else 0.0)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    manifest = {"codec": codec, "tied": tied, "files": {WEIGHTS_FILE: _sha256(weights)}}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return weights
+
+
+def _verify_checksums(directory: Path) -> dict:
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.exists():
+        return {}
+    manifest = json.loads(manifest_path.read_text())
+    for file, expected in manifest.get("files", {}).items():
+        path = directory / file
+        if not path.exists():
+            raise CorruptFileError(f"{path} is missing (listed in {MANIFEST_FILE})")
+        if _sha256(path) != expected:
+            raise CorruptFileError(f"{path} is damaged: its SHA-256 does not match {MANIFEST_FILE}")
+    return manifest
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CorruptFileError(f"{path} is truncated or not a safetensors file ({err})") from None
+    return tensors, metadata
+
+
+def _decode_all(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> dict[str, Tensor]:
+    if _CODEC_KEY not in metadata:
+        return tensors
+    layout = json.loads(metadata[_CODEC_KEY])["tensors"]
+    decoded = {}
+    for name, blob in tensors.items():
+        info = layout.get(name)
+        if info is None:
+            raise CorruptFileError(f"{path}: tensor {name} has no codec layout entry")
+        try:
+            decoded[name] = codecs.decode(blob, codecs.dtype_from_name(info["dtype"]), tuple(info["shape"]))
+        except ValueError as err:
+            raise CorruptFileError(f"{path}: tensor {name}: {err}") from None
+    return decoded
+
+
+def read_compressed_state_dict(directory: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Dense state dict from a compressed directory (ours or compressed-tensors'), checked.
+
+    Returns:
+        (state dict with every sparse-bitmask weight expanded, tied alias -> name map).
+
+    Raises:
+        FileNotFoundError: no weights file.
+        CorruptFileError: checksum mismatch, truncated file, or inconsistent tensors.
+    """
+    directory = Path(directory)
+    path = directory / WEIGHTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} holds no {WEIGHTS_FILE}")
+    manifest = _verify_checksums(directory)
+    tensors, metadata = _read_tensors(path)
+    tensors = _decode_all(tensors, metadata, path)
+    prefixes = [key.removesuffix(".bitmask") for key in tensors if key.endswith(".bitmask")]
+    state = {}
+    try:
+        for prefix in prefixes:
+            state[f"{prefix}.weight"] = BitmaskTensor.from_state_dict(tensors, prefix).to_dense()
+    except CorruptTensorError as err:
+        raise CorruptFileError(f"{path}: {err}") from None
+    packed = {f"{p}.{k}" for p in prefixes for k in ("shape", "compressed", "bitmask", "row_offsets")}
+    state.update({key: value for key, value in tensors.items() if key not in packed})
+    return state, manifest.get("tied", {})
+
+
+def load_compressed_model(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """A Hugging Face model built from a compressed directory's config and weights (dense).
+
+    Raises:
+        FileNotFoundError / CorruptFileError: see `read_compressed_state_dict`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    state, tied = read_compressed_state_dict(directory)
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or next(iter(state.values())).dtype)
+    for alias, name in tied.items():
+        state.setdefault(alias, state[name])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if key not in _tied_keys(model)]
+    if missing or unexpected:
+        raise CorruptFileError(
+            f"{directory}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.tie_weights()
+    return model.eval()
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """Parameter names that share storage with another one (filled by tie_weights)."""
+    seen, tied = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen:
+            tied.add(name)
+        seen.setdefault(tensor.data_ptr(), name)
+    return tied

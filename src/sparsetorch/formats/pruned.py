@@ -1,0 +1,124 @@
+"""The output of `sparsetorch prune`: one directory, loadable dense or compressed.
+
+`save_pruned` writes the dense HF model, `sparsity.json` and the compressed form (see
+`sparsetorch.formats.checkpoint` for the layout); `load_pruned` reads either form back
+bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsetorch.formats.checkpoint import (
+    COMPRESSED_DIR,
+    WEIGHTS_FILE,
+    atomic_directory,
+    load_compressed_model,
+    write_compressed,
+)
+from sparsetorch.oneshot.report import PruneReport
+
+__all__ = ["SPARSITY_FILE", "load_pruned", "read_sparsity", "save_pruned"]
+
+SPARSITY_FILE = "sparsity.json"
+
+
+def _structure(pattern: str) -> str:
+    """compressed-tensors' name for a pattern: N:M stays, everything else is unstructured."""
+    return pattern if ":" in pattern else "unstructured"
+
+
+def save_pruned(
+    model: nn.Module,
+    out: str | Path,
+    report: PruneReport,
+    *,
+    tokenizer=None,
+    calibration: dict | None = None,
+    source: str | None = None,
+    codec: str = "zstd",
+    overwrite: bool = False,
+    finish: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a pruned model to `out`: dense HF weights, compressed weights and sparsity.json.
+
+    Args:
+        model: the pruned Hugging Face model.
+        report: what `sparsetorch.prune` returned for it.
+        tokenizer: saved alongside so `out` is a complete model directory.
+        calibration: how calibration windows were made (source, samples, seqlen, seed).
+        source: where the unpruned model came from.
+        codec: 'zstd' or 'none' for the compressed form (see `write_compressed`).
+        overwrite: replace an existing `out`; otherwise an existing `out` is an error.
+        finish: called with the staging directory once everything is written, to add
+            files (reports, plots) that appear together with the model or not at all.
+
+    Raises:
+        FileExistsError: `out` exists and overwrite is False (nothing is written).
+
+    Example:
+        >>> save_pruned(model, "smollm2-50", report, tokenizer=tokenizer)
+    """
+    out = Path(out)
+    with atomic_directory(out, overwrite=overwrite) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        compressed = staging / COMPRESSED_DIR
+        write_compressed(
+            model,
+            compressed,
+            report.layers.keys(),
+            structure=_structure(report.config.pattern),
+            ignore=report.config.ignore,
+            codec=codec,
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(compressed)
+        record = report.to_dict()
+        record["source_model"] = source
+        record["calibration"] = calibration
+        record["files"] = {
+            "dense": WEIGHTS_FILE,
+            "compressed": f"{COMPRESSED_DIR}/{WEIGHTS_FILE}",
+            "codec": codec,
+        }
+        (staging / SPARSITY_FILE).write_text(json.dumps(record, indent=2))
+        if finish is not None:
+            finish(staging)
+    return out
+
+
+def read_sparsity(directory: str | Path) -> dict:
+    """The `sparsity.json` record of a pruned directory.
+
+    Raises:
+        FileNotFoundError: the directory was not written by `sparsetorch prune`.
+    """
+    path = Path(directory) / SPARSITY_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} has no {SPARSITY_FILE}; was it written by `sparsetorch prune`?")
+    return json.loads(path.read_text())
+
+
+def load_pruned(directory: str | Path, compressed: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a pruned directory as a dense model, from its dense or its compressed weights.
+
+    Raises:
+        FileNotFoundError: no such directory or weights.
+        CorruptFileError: the compressed weights are damaged.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"pruned model directory {directory} does not exist")
+    if compressed:
+        inner = directory / COMPRESSED_DIR if (directory / COMPRESSED_DIR).is_dir() else directory
+        return load_compressed_model(inner, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32).eval()

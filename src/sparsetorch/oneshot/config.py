@@ -1,0 +1,91 @@
+"""PruneConfig: everything that decides a one-shot pruning run, validated and JSON-ready."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from sparsetorch.oneshot.solvers import SolverOptions, get_solver
+from sparsetorch.patterns import Pattern, parse_pattern
+
+__all__ = ["DEFAULT_PATTERNS", "PruneConfig"]
+
+# Wanda compares weights within each output row (its paper's finding for LLMs).
+DEFAULT_PATTERNS: dict[str, str] = {"wanda": "unstructured-row"}
+DEFAULT_SPARSITY = 0.5
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """A one-shot pruning recipe.
+
+    Args:
+        method: a registered solver: 'magnitude', 'wanda', 'sparsegpt' or 'random'.
+        sparsity: fraction of weights to prune in each target layer; N:M patterns imply it.
+        pattern: 'unstructured', 'unstructured-row', 'N:M' or 'block-HxW' (default: the
+            method's own choice, per-row for Wanda, layer-wide for the others).
+        targets: module patterns to prune (default: every Linear); see `sparsetorch.targets`.
+        ignore: module patterns to keep dense.
+        blocks: dotted path of the decoder-block ModuleList, for families sparsetorch
+            does not know.
+        batch_size: calibration windows per forward. Every layer is still pruned from
+            all windows; small batches just run faster on CPU.
+        dampening: SparseGPT's Hessian dampening, a fraction of its mean diagonal.
+        block_size: SparseGPT's lazy-update width in columns.
+        seed: for the random method.
+
+    Example:
+        >>> PruneConfig(method="sparsegpt", pattern="2:4").sparsity
+        0.5
+    """
+
+    method: str = "wanda"
+    sparsity: float | None = None
+    pattern: str | None = None
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ("lm_head",)
+    blocks: str | None = None
+    batch_size: int = 4
+    dampening: float = 0.01
+    block_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_solver(self.method)
+        pattern = parse_pattern(self.pattern or DEFAULT_PATTERNS.get(self.method, "unstructured"))
+        wanted = self.sparsity
+        if wanted is None and pattern.fixed_sparsity is None:
+            wanted = DEFAULT_SPARSITY
+        object.__setattr__(self, "sparsity", pattern.resolve_sparsity(wanted))
+        object.__setattr__(self, "pattern", pattern.spec)
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of windows, got {self.batch_size}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be a positive number of columns, got {self.block_size}")
+        if not self.dampening > 0:
+            raise ValueError(f"dampening must be > 0, got {self.dampening}")
+
+    @property
+    def pattern_obj(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    def solver_options(self) -> SolverOptions:
+        return SolverOptions(dampening=self.dampening, block_size=self.block_size, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        """Plain JSON types; `PruneConfig.from_dict` reads it back equal."""
+        data = asdict(self)
+        data["targets"] = None if self.targets is None else list(self.targets)
+        data["ignore"] = list(self.ignore)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneConfig:
+        """Build from `to_dict` output; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown PruneConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,64 @@
+"""What a pruning run did, per layer: the record behind `sparsity.json`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from sparsetorch.oneshot.config import PruneConfig
+
+__all__ = ["LayerReport", "PruneReport"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One pruned layer: its shape, the sparsity asked for and the sparsity measured."""
+
+    name: str
+    shape: tuple[int, ...]
+    target_sparsity: float
+    sparsity: float
+    seconds: float
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    def to_dict(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "target_sparsity": self.target_sparsity,
+            "sparsity": round(self.sparsity, 6),
+            "seconds": round(self.seconds, 4),
+        }
+
+
+@dataclass
+class PruneReport:
+    """Result of `sparsetorch.prune`: the config, per-layer records and keep masks."""
+
+    config: PruneConfig
+    layers: dict[str, LayerReport]
+    masks: dict[str, Tensor] = field(repr=False)
+    seconds: float
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over weights, across all pruned layers."""
+        total = sum(layer.numel for layer in self.layers.values())
+        zeros = sum(layer.sparsity * layer.numel for layer in self.layers.values())
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.config.method,
+            "pattern": self.config.pattern,
+            "sparsity": round(self.sparsity, 6),
+            "config": self.config.to_dict(),
+            "seconds": round(self.seconds, 3),
+            "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+        }

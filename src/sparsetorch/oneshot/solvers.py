@@ -1,0 +1,106 @@
+"""Layer solvers: prune one weight matrix given its calibration statistic.
+
+A solver is a pure function `(weight, statistic, pattern, sparsity, options) ->
+(new_weight, keep_mask)` registered under a method name. Registering a name twice is
+an error; asking for an unknown one lists what exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparsetorch.oneshot.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from sparsetorch.oneshot.stats import Gram, InputSqNorms, Statistic
+from sparsetorch.patterns import Pattern
+from sparsetorch.scores import magnitude_scores, random_scores, wanda_scores
+
+__all__ = ["SOLVERS", "Solver", "SolverOptions", "get_solver", "register_solver"]
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Knobs some solvers read; the rest ignore them."""
+
+    dampening: float = 0.01
+    block_size: int = 128
+    seed: int = 0
+
+
+SolveFn = Callable[[Tensor, "Statistic | None", Pattern, float, SolverOptions], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A pruning method: its layer function and the statistic it needs (None: data-free)."""
+
+    name: str
+    solve: SolveFn
+    statistic: type[Statistic] | None
+    summary: str
+
+
+SOLVERS: dict[str, Solver] = {}
+
+
+def register_solver(name: str, statistic: type[Statistic] | None, summary: str) -> Callable[[SolveFn], SolveFn]:
+    """Decorator that adds a solver under `name`; a name may be registered once."""
+
+    def add(fn: SolveFn) -> SolveFn:
+        if name in SOLVERS:
+            raise ValueError(f"a solver named {name!r} is already registered")
+        SOLVERS[name] = Solver(name, fn, statistic, summary)
+        return fn
+
+    return add
+
+
+def get_solver(name: str) -> Solver:
+    """The solver registered as `name`.
+
+    Raises:
+        ValueError: no such method, listing the registered ones.
+    """
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        known = ", ".join(sorted(SOLVERS))
+        raise ValueError(
+            f"unknown pruning method {name!r}; available: {known}. "
+            "New methods are added with @sparsetorch.oneshot.register_solver(name, statistic, summary)"
+        ) from None
+
+
+def _apply(weight: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero the pruned weights: +0.0, never -0.0, so every stored form is bit-identical."""
+    return weight.masked_fill(~keep, 0.0), keep
+
+
+@register_solver("magnitude", None, "keep the largest |W|; no calibration data")
+def _magnitude(weight: Tensor, stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
+    return _apply(weight, pattern.mask(magnitude_scores(weight), sparsity))
+
+
+@register_solver("random", None, "keep a random subset; the baseline every method must beat")
+def _random(weight: Tensor, stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
+    generator = torch.Generator().manual_seed(opts.seed)
+    return _apply(weight, pattern.mask(random_scores(weight, generator), sparsity))
+
+
+@register_solver("wanda", InputSqNorms, "keep the largest |W| * ||X||; one pass, no weight update")
+def _wanda(weight: Tensor, stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
+    norms = stat.input_sq_norms() if isinstance(stat, Gram) else stat.value
+    return _apply(weight, pattern.mask(wanda_scores(weight, norms), sparsity))
+
+
+@register_solver("sparsegpt", Gram, "OBS column sweep with lazy updates; reconstructs the kept weights")
+def _sparsegpt(weight: Tensor, stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
+    key = ("inverse_hessian_factor", opts.dampening)
+    if key not in stat.cache:  # q/k/v share one input, so one factorization
+        stat.cache[key] = inverse_hessian_factor(stat.value, opts.dampening)
+    return sparsegpt_prune(
+        weight, stat.value, pattern, sparsity, block_size=opts.block_size, hinv=stat.cache[key]
+    )

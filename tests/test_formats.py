@@ -1,0 +1,182 @@
+"""Storage: sparse-bitmask layout, lossless codec, pruned directories, corruption."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sparsetorch
+from conftest import calibration_ids, tiny_llama
+from sparsetorch.formats import codec
+from sparsetorch.formats.bitmask import BitmaskTensor, CorruptTensorError, pack_bits, unpack_bits
+from sparsetorch.formats.checkpoint import CorruptFileError, read_compressed_state_dict
+from sparsetorch.formats.pruned import load_pruned, read_sparsity, save_pruned
+
+
+def test_pack_bits_is_little_endian_like_numpy():
+    mask = torch.tensor([[True, False, False, False, False, False, False, False, True, True]])
+    assert pack_bits(mask).tolist() == [[1, 3]]
+    assert torch.equal(unpack_bits(pack_bits(mask), 10), mask)
+
+
+def test_bitmask_exact_parts_for_a_hand_example():
+    dense = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 4.0]])
+    t = BitmaskTensor.from_dense(dense)
+    assert t.values.tolist() == [2.0, 3.0, 4.0]
+    assert t.bitmask.tolist() == [[2], [5]]
+    assert t.row_offsets.tolist() == [0, 1]
+    parts = t.state_dict("layer")
+    assert sorted(parts) == ["layer.bitmask", "layer.compressed", "layer.row_offsets", "layer.shape"]
+    assert parts["layer.shape"].tolist() == [2, 3] and parts["layer.shape"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (64, 64), (1, 1)])
+def test_bitmask_round_trip_is_bit_exact(shape):
+    dense = torch.randn(shape).masked_fill(torch.rand(shape) > 0.4, 0.0)
+    back = BitmaskTensor.from_state_dict(BitmaskTensor.from_dense(dense).state_dict("w"), "w").to_dense()
+    assert torch.equal(back.view(torch.int32), dense.view(torch.int32))
+
+
+def test_negative_zero_counts_as_zero():
+    back = BitmaskTensor.from_dense(torch.tensor([[-0.0, 1.0]])).to_dense()
+    assert back.tolist() == [[0.0, 1.0]]
+
+
+def test_inconsistent_parts_are_detected():
+    parts = BitmaskTensor.from_dense(torch.randn(4, 9) * (torch.rand(4, 9) > 0.5)).state_dict("w")
+    short = dict(parts, **{"w.compressed": parts["w.compressed"][:-1]})
+    with pytest.raises(CorruptTensorError, match="w: bitmask marks .* nonzeros but"):
+        BitmaskTensor.from_state_dict(short, "w")
+    offsets = dict(parts, **{"w.row_offsets": parts["w.row_offsets"] + 1})
+    with pytest.raises(CorruptTensorError, match="row_offsets"):
+        BitmaskTensor.from_state_dict(offsets, "w")
+    with pytest.raises(CorruptTensorError, match=r"missing \['bitmask'\]"):
+        BitmaskTensor.from_state_dict({k: v for k, v in parts.items() if k != "w.bitmask"}, "w")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8])
+def test_codec_round_trip_is_bit_exact(dtype):
+    tensor = (torch.randn(33, 17) * 100).to(dtype)
+    blob = codec.encode(tensor)
+    assert blob.dtype == torch.uint8
+    assert torch.equal(codec.decode(blob, dtype, (33, 17)), tensor)
+
+
+def test_codec_detects_damage():
+    blob = codec.encode(torch.randn(1000)).clone()
+    blob[len(blob) // 2] ^= 0xFF
+    with pytest.raises(ValueError, match="damaged|holds"):
+        codec.decode(blob, torch.float32, (1000,))
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _pruned(tmp_path, codec_name="zstd", tie=True):
+    model = tiny_llama(tie=tie)
+    report = sparsetorch.prune(model, calibration_ids(), method="sparsegpt", progress=False)
+    out = save_pruned(model, tmp_path / "out", report, calibration={"samples": 8}, codec=codec_name)
+    return model, report, out
+
+
+@pytest.mark.parametrize("codec_name", ["zstd", "none"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_both_forms_load_back_bit_exactly(tmp_path, codec_name, tie):
+    model, _, out = _pruned(tmp_path, codec_name, tie)
+    expected = model.state_dict()
+    for compressed in (False, True):
+        loaded = load_pruned(out, compressed=compressed).state_dict()
+        assert loaded.keys() == expected.keys()
+        for key, value in expected.items():
+            assert _same_bits(loaded[key], value), (compressed, key)
+
+
+def test_dense_form_loads_in_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _, out = _pruned(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    q = plain.model.layers[0].self_attn.q_proj.weight
+    assert (q == 0).float().mean() == pytest.approx(0.5)
+    assert torch.equal(q, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_sparsity_record(tmp_path):
+    _, report, out = _pruned(tmp_path)
+    record = read_sparsity(out)
+    assert record["method"] == "sparsegpt" and record["pattern"] == "unstructured"
+    assert record["calibration"] == {"samples": 8}
+    assert set(record["layers"]) == set(report.layers)
+    layer = record["layers"]["model.layers.0.mlp.down_proj"]
+    assert layer["shape"] == [64, 128] and layer["sparsity"] == 0.5 and layer["target_sparsity"] == 0.5
+    config = json.loads((out / "compressed" / "config.json").read_text())["quantization_config"]
+    assert config["sparsity_config"]["format"] == "sparse-bitmask"
+    assert config["sparsity_config"]["sparsity_structure"] == "unstructured"
+
+
+def test_compressed_file_is_smaller(tmp_path):
+    _, _, out = _pruned(tmp_path, "none", tie=False)
+    tensors = load_file(out / "compressed" / "model.safetensors")
+    values = tensors["model.layers.0.mlp.up_proj.compressed"]
+    assert values.numel() == 128 * 64 // 2
+    assert tensors["model.layers.0.mlp.up_proj.bitmask"].shape == (128, 8)
+
+
+def test_existing_output_is_refused_and_left_alone(tmp_path):
+    model, report, out = _pruned(tmp_path)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        save_pruned(model, out, report)
+    assert sorted(p.name for p in out.iterdir()) == before
+    save_pruned(model, out, report, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failed_save_leaves_no_partial_output(tmp_path):
+    model, report, _ = _pruned(tmp_path)
+
+    def fail(staging):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pruned(model, tmp_path / "second", report, finish=fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_truncated_file_is_detected(tmp_path):
+    _, _, out = _pruned(tmp_path)
+    path = out / "compressed" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CorruptFileError, match="SHA-256 does not match"):
+        load_pruned(out, compressed=True)
+    (out / "compressed" / "sparsetorch.json").unlink()  # without checksums, the format checks still catch it
+    with pytest.raises(CorruptFileError, match="truncated or not a safetensors file|damaged"):
+        load_pruned(out, compressed=True)
+
+
+def test_flipped_byte_is_detected(tmp_path):
+    _, _, out = _pruned(tmp_path, "none")
+    path = out / "compressed" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="SHA-256"):
+        read_compressed_state_dict(out / "compressed")
+
+
+def test_edited_tensors_without_manifest_are_caught_by_format_checks(tmp_path):
+    _, _, out = _pruned(tmp_path, "none")
+    directory = out / "compressed"
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.compressed"] = tensors["model.layers.1.self_attn.k_proj.compressed"][:-3]
+    save_file(tensors, directory / "model.safetensors")
+    (directory / "sparsetorch.json").unlink()
+    with pytest.raises(CorruptFileError, match="k_proj: bitmask marks"):
+        read_compressed_state_dict(directory)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pruned(tmp_path / "nope")

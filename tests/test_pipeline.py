@@ -1,0 +1,153 @@
+"""The sequential block pipeline on tiny models of each supported family."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetorch
+from conftest import calibration_ids, tiny_llama
+from sparsetorch.patterns import NM, Unstructured
+from sparsetorch.targets import weight_matrix
+
+
+def _family(name):
+    import transformers as tf
+
+    small = dict(vocab_size=128)
+    configs = {
+        "llama": lambda: tiny_llama(),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, **small)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, **small)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **small)),
+        "opt": lambda: tf.OPTForCausalLM(tf.OPTConfig(
+            hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+            max_position_embeddings=64, **small)),
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, **small)),
+    }
+    return configs[name]().eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox"]
+EXPECTED_LAYERS = {"llama": 14, "mistral": 14, "qwen2": 14, "gpt2": 8, "opt": 12, "gpt_neox": 8}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,pattern", [("wanda", None), ("sparsegpt", "2:4"), ("sparsegpt", "unstructured")])
+def test_every_family_prunes_every_block_linear_exactly(family, method, pattern):
+    model = _family(family)
+    report = sparsetorch.prune(model, calibration_ids(), method=method, pattern=pattern, progress=False)
+    assert len(report.layers) == EXPECTED_LAYERS[family]
+    modules = dict(model.named_modules())
+    for name, layer in report.layers.items():
+        W = weight_matrix(modules[name])
+        assert layer.sparsity == pytest.approx(0.5)
+        if pattern == "2:4":  # groups along the input dimension, also for GPT-2's transposed Conv1D
+            assert ((W != 0).reshape(-1, 4).sum(dim=1) <= 2).all()
+        assert torch.equal(report.masks[name], report.masks[name] & True)
+    logits = model(input_ids=calibration_ids(windows=1)).logits
+    assert torch.isfinite(logits).all()
+
+
+def _layer_inputs(model, ids):
+    """Every Linear's input on `ids`, captured from a plain forward of the (pruned) model."""
+    inputs, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        for batch in ids.split(3):
+            model(input_ids=batch)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(chunks) for name, chunks in inputs.items()}
+
+
+def test_each_layer_is_pruned_from_inputs_of_the_already_pruned_layers():
+    """After pruning, a plain forward gives every layer the input it was calibrated on
+    (its predecessors are pruned, it itself does not change its input), so recomputing
+    Wanda's masks from those inputs must give back exactly the masks that were used."""
+    model = tiny_llama()
+    original = {n: weight_matrix(m).clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ids = calibration_ids()
+    report = sparsetorch.prune(model, ids, method="wanda", progress=False)
+    inputs = _layer_inputs(model, ids)
+    for name, keep in report.masks.items():
+        norms = (inputs[name] ** 2).sum(0).double()
+        scores = original[name].abs() * norms.sqrt().float()
+        assert torch.equal(Unstructured(per_row=True).mask(scores, 0.5), keep), name
+
+
+def test_results_do_not_depend_on_the_batch_size():
+    weights = []
+    for batch_size in (1, 3, 8):
+        model = tiny_llama()
+        torch.manual_seed(0)
+        model.load_state_dict(tiny_llama().state_dict())
+        sparsetorch.prune(model, calibration_ids(), method="sparsegpt", batch_size=batch_size, progress=False)
+        weights.append(torch.cat([p.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(weights[0], weights[2], atol=1e-4, rtol=0)
+
+
+def test_any_module_with_explicit_targets():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    data = torch.randn(64, 16)
+    report = sparsetorch.prune(model, data, method="sparsegpt", pattern="2:4", targets=["re:[02]"], progress=False)
+    assert sorted(report.layers) == ["0", "2"]
+    assert report.sparsity == pytest.approx(0.5)
+
+
+def test_unknown_family_says_how_to_pass_blocks_or_targets():
+    model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(ValueError, match=r"no block layout.*--blocks.*--targets"):
+        sparsetorch.prune(model, torch.randn(4, 16), method="wanda", progress=False)
+
+
+def test_magnitude_needs_no_calibration_but_wanda_does():
+    model = tiny_llama()
+    assert sparsetorch.prune(model, None, method="magnitude", progress=False).sparsity == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        sparsetorch.prune(tiny_llama(), None, method="wanda", progress=False)
+
+
+def test_layers_outside_blocks_are_refused_before_any_change():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="lm_head"):
+        sparsetorch.prune(model, calibration_ids(), method="wanda", ignore=[], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_shape_that_does_not_fit_the_pattern_names_the_layer_and_changes_nothing():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj.*divisible by 3"):
+        sparsetorch.prune(model, calibration_ids(), method="sparsegpt", pattern="2:3", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_random_baseline_differs_per_layer_and_is_seeded():
+    a, b = tiny_llama(), tiny_llama()
+    b.load_state_dict(a.state_dict())
+    ra = sparsetorch.prune(a, None, method="random", seed=3, progress=False)
+    rb = sparsetorch.prune(b, None, method="random", seed=3, progress=False)
+    assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
+    q0, q1 = ra.masks["model.layers.0.self_attn.q_proj"], ra.masks["model.layers.1.self_attn.q_proj"]
+    assert not torch.equal(q0, q1)
+
+
+def test_config_round_trips_through_json():
+    config = sparsetorch.PruneConfig(method="sparsegpt", pattern="2:4", ignore=("lm_head", "re:.*gate.*"))
+    assert sparsetorch.PruneConfig.from_dict(config.to_dict()) == config
+    assert config.sparsity == 0.5 and NM(2, 4).spec == config.pattern
+    with pytest.raises(ValueError, match="unknown PruneConfig keys"):
+        sparsetorch.PruneConfig.from_dict({"method": "wanda", "sparsty": 0.5})
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'; available"):
+        sparsetorch.PruneConfig(method="obs")
