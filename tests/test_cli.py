@@ -27,6 +27,7 @@ def test_prune_eval_inspect(tiny_model_dir, text_files, tmp_path, capsys):
     assert main(_prune_args(tiny_model_dir, out, calib, "--method", "sparsegpt", "--pattern", "2:4")) == 0
     printed = capsys.readouterr().out
     assert "sparsity 50.00%" in printed and f"saved to {out}" in printed
+    assert not (tmp_path / "pruned.resume").exists()  # the per-block checkpoint goes once the output is safe
     record = json.loads((out / "sparsity.json").read_text())
     assert record["calibration"]["samples"] == 8 and record["pattern"] == "2:4"
 

@@ -151,3 +151,38 @@ def test_config_round_trips_through_json():
         sparsetorch.PruneConfig.from_dict({"method": "wanda", "sparsty": 0.5})
     with pytest.raises(ValueError, match="unknown pruning method 'obs'; available"):
         sparsetorch.PruneConfig(method="obs")
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
+    from sparsetorch.oneshot.resume import ResumeCheckpoint, StaleCheckpointError
+
+    reference = tiny_llama(layers=3)
+    interrupted = tiny_llama(layers=3)
+    interrupted.load_state_dict(reference.state_dict())
+    config = sparsetorch.PruneConfig(method="sparsegpt", pattern="2:4")
+    ids = calibration_ids()
+    expected = sparsetorch.prune(reference, ids, config, progress=False)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    handle = interrupted.model.layers[2].mlp.up_proj.register_forward_pre_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        sparsetorch.prune(interrupted, ids, config, progress=False, checkpoint=ResumeCheckpoint(tmp_path, config, ids))
+    handle.remove()
+    assert json_blocks_done(tmp_path) == 2
+    resumed = sparsetorch.prune(interrupted, ids, config, progress=False, checkpoint=ResumeCheckpoint(tmp_path, config, ids))
+    assert resumed.layers.keys() == expected.layers.keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(interrupted.state_dict()[key], value), key
+    assert all(torch.equal(resumed.masks[n], expected.masks[n]) for n in expected.masks)
+
+    other = sparsetorch.PruneConfig(method="wanda")
+    with pytest.raises(StaleCheckpointError, match="other settings"):
+        sparsetorch.prune(tiny_llama(layers=3), ids, other, progress=False, checkpoint=ResumeCheckpoint(tmp_path, other, ids))
+
+
+def json_blocks_done(directory):
+    import json
+
+    return json.loads((directory / "progress.json").read_text())["blocks_done"]

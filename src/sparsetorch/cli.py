@@ -63,6 +63,8 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, help="output directory (default: pruned/<model>-<method>-<pattern>)")
     out.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    out.add_argument("--restart", action="store_true",
+                     help="discard the checkpoint of an interrupted run (<out>.resume) instead of resuming it")
     out.add_argument("--codec", choices=["zstd", "none"], default="zstd",
                      help="lossless coding of the compressed weights; 'none' writes exactly the "
                           "compressed-tensors 0.14 layout (default: zstd)")
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsetorch {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sparsetorch {args.command}: interrupted; nothing was written to the output", file=sys.stderr)
+        print(f"sparsetorch {args.command}: interrupted; nothing was written to the output "
+              "(prune keeps its per-block progress in <out>.resume and resumes from it)", file=sys.stderr)
         return 130
 
 
@@ -212,6 +215,20 @@ def _eval_windows(args, tokenizer):
     return evaluation_windows(tokenizer, text, args.eval_tokens, args.seqlen), source
 
 
+def _resume_checkpoint(out: Path, config, windows, restart: bool):
+    """Per-block progress next to the output, so an interrupted run picks up where it stopped."""
+    from sparsetorch.oneshot.resume import ResumeCheckpoint
+
+    if windows is None:
+        return None
+    checkpoint = ResumeCheckpoint(Path(f"{out}.resume"), config, windows)
+    if restart:
+        checkpoint.clear()
+    elif checkpoint.directory.exists():
+        print(f"resuming the interrupted run saved in {checkpoint.directory} (--restart starts afresh)")
+    return checkpoint
+
+
 def _sizes(out: Path) -> tuple[int, int]:
     from sparsetorch.evaluate.report import file_size
 
@@ -228,11 +245,14 @@ def _cmd_prune(args) -> int:
     _check_out(out, args.overwrite)
     model, tokenizer, path = load_model(args.model, progress=not args.quiet)
     windows, calibration = _calibration(args, tokenizer, config)
-    report = prune(model, windows, config, progress=not args.quiet)
+    checkpoint = _resume_checkpoint(out, config, windows, args.restart)
+    report = prune(model, windows, config, progress=not args.quiet, checkpoint=checkpoint)
     print(f"pruned {len(report.layers)} layers with {config.method} ({config.pattern}) in {report.seconds:.1f} s: "
           f"sparsity {report.sparsity:.2%}")
     save_pruned(model, out, report, tokenizer=tokenizer, calibration=calibration, source=str(path),
                 codec=args.codec, overwrite=args.overwrite)
+    if checkpoint is not None:
+        checkpoint.clear()
     dense, compressed = _sizes(out)
     print(f"dense weights       {dense / 1e6:8.1f} MB  {out / 'model.safetensors'}")
     print(f"compressed weights  {compressed / 1e6:8.1f} MB  {out / 'compressed' / 'model.safetensors'}  "

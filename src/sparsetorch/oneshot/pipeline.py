@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from sparsetorch.families import find_blocks, model_type
 from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.report import LayerReport, PruneReport
+from sparsetorch.oneshot.resume import ResumeCheckpoint
 from sparsetorch.oneshot.solvers import get_solver
 from sparsetorch.oneshot.stats import Statistic
 from sparsetorch.targets import find_targets, set_weight_matrix, weight_matrix
@@ -46,6 +47,7 @@ def prune(
     config: PruneConfig | None = None,
     *,
     progress: bool = True,
+    checkpoint: ResumeCheckpoint | None = None,
     **options,
 ) -> PruneReport:
     """Prune `model` in place, one-shot, and report what was done.
@@ -57,6 +59,8 @@ def prune(
             for any module; not needed by 'magnitude' and 'random'.
         config: a PruneConfig; or pass its fields as keyword options instead.
         progress: show a progress bar.
+        checkpoint: save progress after every block there, and resume from it if it holds
+            an earlier interrupted run of the same configuration and calibration data.
 
     Returns:
         PruneReport with per-layer sparsity, keep masks and timings.
@@ -83,7 +87,7 @@ def prune(
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
                 pruner.prune(module, None)
         else:
-            _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress)
+            _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
     return pruner.report(time.perf_counter() - started)
 
 
@@ -147,7 +151,12 @@ class _LayerPruner:
 
 
 def _prune_with_calibration(
-    model: nn.Module, calibration: Tensor, config: PruneConfig, pruner: _LayerPruner, progress: bool
+    model: nn.Module,
+    calibration: Tensor,
+    config: PruneConfig,
+    pruner: _LayerPruner,
+    progress: bool,
+    checkpoint: ResumeCheckpoint | None,
 ) -> None:
     chunks = list(calibration.split(config.batch_size))
     blocks = find_blocks(model, config.blocks)
@@ -162,10 +171,20 @@ def _prune_with_calibration(
         _calibrate_and_prune(pruner.pending(model), forwards, pruner)
         return
     _check_all_inside(pruner, blocks)
+    modules = dict(model.named_modules())
+    start, saved = (0, None) if checkpoint is None else checkpoint.restore(modules, pruner.layers, pruner.masks)
     hidden, calls = _capture_block_calls(model, blocks, chunks)
-    for index, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.pattern}", disable=not progress)):
-        forwards = [_block_forward(block, h, call) for h, call in zip(hidden, calls[index])]
-        hidden = _calibrate_and_prune(pruner.pending(block), forwards, pruner)
+    hidden = hidden if saved is None else saved
+    bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress)
+    for index in range(start, len(blocks)):
+        pending = pruner.pending(blocks[index])
+        names = [pruner.names[m] for m in pending]
+        forwards = [_block_forward(blocks[index], h, call) for h, call in zip(hidden, calls[index])]
+        hidden = _calibrate_and_prune(pending, forwards, pruner)
+        if checkpoint is not None:
+            checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
+        bar.update()
+    bar.close()
 
 
 def _check_all_inside(pruner: _LayerPruner, blocks: nn.ModuleList) -> None:

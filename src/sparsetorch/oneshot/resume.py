@@ -1,0 +1,106 @@
+"""Resuming an interrupted pruning run, block by block.
+
+After each block the pipeline saves that block's pruned weights and keep masks, the
+per-layer report so far, and the block's outputs (the next block's inputs). A later
+run with the same configuration and calibration data restores them and continues with
+the next block, giving the same result as an uninterrupted run. A checkpoint made for
+other settings is never used silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sparsetorch.oneshot.config import PruneConfig
+from sparsetorch.oneshot.report import LayerReport
+
+__all__ = ["ResumeCheckpoint", "StaleCheckpointError"]
+
+_PROGRESS = "progress.json"
+_HIDDEN = "hidden.pt"
+
+
+class StaleCheckpointError(ValueError):
+    """A resume checkpoint written for a different configuration or calibration set."""
+
+
+def _fingerprint(config: PruneConfig, calibration: Tensor) -> dict:
+    digest = hashlib.sha256(calibration.contiguous().numpy().tobytes()).hexdigest()
+    return {"config": config.to_dict(), "calibration_sha256": digest, "shape": list(calibration.shape)}
+
+
+def _replace(path: Path, write) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class ResumeCheckpoint:
+    """Per-block progress of one pruning run in `directory`.
+
+    Example:
+        >>> prune(model, windows, config, checkpoint=ResumeCheckpoint("run.resume", config, windows))
+    """
+
+    def __init__(self, directory: str | Path, config: PruneConfig, calibration: Tensor) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = _fingerprint(config, calibration)
+
+    def _progress(self) -> dict | None:
+        path = self.directory / _PROGRESS
+        if not path.exists():
+            return None
+        progress = json.loads(path.read_text())
+        if progress.get("fingerprint") != self.fingerprint:
+            raise StaleCheckpointError(
+                f"{self.directory} holds a checkpoint of a run with other settings or calibration data; "
+                "delete it (CLI: --restart) to start afresh"
+            )
+        return progress
+
+    def restore(self, modules: dict[str, nn.Module], layers: dict, masks: dict) -> tuple[int, list[Tensor] | None]:
+        """Load saved blocks into `modules`, `layers` and `masks`; return (next block, its inputs)."""
+        progress = self._progress()
+        if progress is None:
+            return 0, None
+        for index in range(progress["blocks_done"]):
+            for key, tensor in load_file(self.directory / f"block-{index:04d}.safetensors").items():
+                name, kind = key.rsplit(".", 1)
+                if kind == "weight":
+                    modules[name].weight.data.copy_(tensor)
+                else:
+                    masks[name] = tensor.bool()
+        for name, record in progress["layers"].items():
+            layers[name] = LayerReport(**{**record, "shape": tuple(record["shape"])})
+        return progress["blocks_done"], torch.load(self.directory / _HIDDEN)
+
+    def save(self, index: int, names: list[str], modules: dict[str, nn.Module], layers: dict, masks: dict,
+             hidden: list[Tensor]) -> None:
+        """Record that block `index` (holding layers `names`) is done and its outputs are `hidden`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name in names:
+            tensors[f"{name}.weight"] = modules[name].weight.detach().contiguous()
+            tensors[f"{name}.mask"] = masks[name].to(torch.uint8).contiguous()
+        _replace(self.directory / f"block-{index:04d}.safetensors", lambda p: save_file(tensors, p))
+        _replace(self.directory / _HIDDEN, lambda p: torch.save(hidden, p))
+        progress = {
+            "fingerprint": self.fingerprint,
+            "blocks_done": index + 1,
+            "layers": {name: asdict(layer) for name, layer in layers.items()},
+        }
+        _replace(self.directory / _PROGRESS, lambda p: p.write_text(json.dumps(progress)))
+
+    def clear(self) -> None:
+        """Remove the checkpoint once the run's output is safely written."""
+        shutil.rmtree(self.directory, ignore_errors=True)
