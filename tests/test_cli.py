@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sparsetorch.cli import main
 
@@ -40,6 +41,15 @@ def test_prune_eval_inspect(tiny_model_dir, text_files, tmp_path, capsys):
                  "--seqlen", "64", "--quiet"]) == 0
     compressed_line = capsys.readouterr().out.splitlines()[-1]
     assert compressed_line.split()[1] == lines[0].split()[1]  # same perplexity from either form
+
+    exported = tmp_path / "exported"
+    assert main(["export", str(out), "--out", str(exported)]) == 0
+    from sparsetorch.formats.pruned import load_pruned
+
+    a, b = load_pruned(out).state_dict(), load_pruned(exported, compressed=True).state_dict()
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    assert json.loads((exported / "sparsetorch.json").read_text())["codec"] == "none"
+    capsys.readouterr()
 
     assert main(["inspect", str(out), "--plot", str(tmp_path / "heat.png")]) == 0
     table = capsys.readouterr().out

@@ -43,3 +43,14 @@ def test_prune_the_bundled_model_and_load_both_forms(bundled, tmp_path, capsys):
     dense_bytes = (out / "model.safetensors").stat().st_size
     compressed_bytes = (out / "compressed" / "model.safetensors").stat().st_size
     assert compressed_bytes < 0.55 * dense_bytes
+
+
+def test_demo_writes_report_and_prints_the_comparison(bundled, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--method", "wanda", "--calib-samples", "2", "--seqlen", "64", "--eval-tokens", "256",
+                 "--decode-tokens", "4", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| dense |" in printed and "| wanda unstructured-row |" in printed and str(out) in printed
+    for name in ("report.md", "report.png", "sparsity.png", "sparsity.json", "model.safetensors"):
+        assert (out / name).exists(), name
+    assert "perplexity" in (out / "report.md").read_text()

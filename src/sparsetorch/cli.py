@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ EXAMPLES = """examples:
   sparsetorch prune ./my-llama --method wanda --sparsity 0.6 --out my-llama-60
   sparsetorch eval smollm2-24 --compare
   sparsetorch inspect smollm2-24
+  sparsetorch export smollm2-24 --out smollm2-24-ct    # compressed-tensors 0.14 layout
   sparsetorch demo
 """
 
@@ -103,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--plot", type=Path, help="where to save the PNG (default: <model>/sparsity.png)")
     inspect.add_argument("--json", action="store_true", help="print the table as JSON")
 
+    export = sub.add_parser("export", help="rewrite a pruned model's compressed form (e.g. for compressed-tensors)",
+                            description="Write the compressed form of a pruned directory again with another codec: "
+                                        "--codec none gives exactly the compressed-tensors 0.14 sparse-bitmask layout.")
+    export.add_argument("model", help="a directory written by `sparsetorch prune`")
+    export.add_argument("--out", type=Path, required=True, help="directory to write")
+    export.add_argument("--codec", choices=["none", "zstd"], default="none", help="(default: none)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     demo = sub.add_parser("demo", help="prune the bundled LLM and report quality, size and speed",
                           description="The whole pipeline on the bundled SmolLM2-135M: dense and sparse perplexity, "
                                       "file sizes, decode speed, a report and plots.")
@@ -121,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from sparsetorch.formats.checkpoint import CorruptFileError
 
-    handlers = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "demo": _cmd_demo}
+    handlers = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export,
+                "demo": _cmd_demo}
     if getattr(args, "quiet", False):
         _silence_transformers()
     try:
@@ -298,6 +309,23 @@ def _cmd_inspect(args) -> int:
         print(format_table(rows))
     plot = plot_sparsity(rows, args.plot or Path(args.model) / "sparsity.png", title=str(args.model))
     print(f"heatmap: {plot}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from sparsetorch.formats.checkpoint import atomic_directory, write_compressed
+    from sparsetorch.formats.pruned import load_pruned, read_sparsity, structure_name
+
+    record = read_sparsity(args.model)
+    _check_out(args.out, args.overwrite)
+    model = load_pruned(args.model, compressed=True)
+    with atomic_directory(args.out, overwrite=args.overwrite) as staging:
+        weights = write_compressed(model, staging, record["layers"], structure=structure_name(record["pattern"]),
+                                   ignore=record["config"]["ignore"], codec=args.codec)
+        for item in Path(args.model, "compressed").iterdir():  # tokenizer and chat template travel along
+            if item.is_file() and not (staging / item.name).exists():
+                shutil.copy2(item, staging / item.name)
+    print(f"wrote {args.out / weights.name} ({(args.out / weights.name).stat().st_size / 1e6:.1f} MB, codec {args.codec})")
     return 0
 
 

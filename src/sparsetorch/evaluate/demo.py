@@ -25,6 +25,7 @@ from sparsetorch.oneshot.pipeline import prune
 
 __all__ = ["run_demo"]
 
+DECODE_REPEATS = 2  # after one warm-up; `sparsetorch bench` takes more for tighter medians
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
 
 
@@ -45,7 +46,7 @@ def run_demo(args, config: PruneConfig, out: Path) -> dict:
     _step(f"dense perplexity on {windows.numel()} held-out tokens ({', '.join(split.evaluation_parts)})")
     dense_ppl = perplexity(model, windows, progress=progress)
     _step(f"dense decode speed ({args.decode_tokens} greedy tokens)")
-    dense_speed = measure_decode(model, prompt, args.decode_tokens)
+    dense_speed = measure_decode(model, prompt, args.decode_tokens, repeats=DECODE_REPEATS)
 
     _step(f"pruning with {config.method} ({config.pattern}, sparsity {config.sparsity:.0%}) "
           f"on {calib.shape[0]} windows of {calib.shape[1]} tokens")
@@ -53,7 +54,7 @@ def run_demo(args, config: PruneConfig, out: Path) -> dict:
     _step("sparse perplexity")
     sparse_ppl = perplexity(model, windows, progress=progress)
     _step("sparse decode speed (dense kernels: sparsetorch.runtime swaps in sparse ones)")
-    sparse_speed = measure_decode(model, prompt, args.decode_tokens)
+    sparse_speed = measure_decode(model, prompt, args.decode_tokens, repeats=DECODE_REPEATS)
 
     _step(f"saving to {out}")
     calibration = {"source": split.source, "parts": list(split.calibration_parts),

@@ -23,12 +23,12 @@ from sparsetorch.formats.checkpoint import (
 )
 from sparsetorch.oneshot.report import PruneReport
 
-__all__ = ["SPARSITY_FILE", "load_pruned", "read_sparsity", "save_pruned"]
+__all__ = ["SPARSITY_FILE", "load_pruned", "read_sparsity", "save_pruned", "structure_name"]
 
 SPARSITY_FILE = "sparsity.json"
 
 
-def _structure(pattern: str) -> str:
+def structure_name(pattern: str) -> str:
     """compressed-tensors' name for a pattern: N:M stays, everything else is unstructured."""
     return pattern if ":" in pattern else "unstructured"
 
@@ -74,7 +74,7 @@ def save_pruned(
             model,
             compressed,
             report.layers.keys(),
-            structure=_structure(report.config.pattern),
+            structure=structure_name(report.config.pattern),
             ignore=report.config.ignore,
             codec=codec,
         )
