@@ -69,28 +69,68 @@ def _layer_inputs(model, ids):
     return {name: torch.cat(chunks) for name, chunks in inputs.items()}
 
 
-def test_each_layer_is_pruned_from_inputs_of_the_already_pruned_layers():
+def _wanda_masks_from(inputs, original, names):
+    masks = {}
+    for name in names:
+        scores = original[name].abs() * (inputs[name] ** 2).sum(0).double().sqrt().float()
+        masks[name] = Unstructured(per_row=True).mask(scores, 0.5)
+    return masks
+
+
+def test_pruned_layer_inputs_come_from_the_already_pruned_layers():
     """After pruning, a plain forward gives every layer the input it was calibrated on
     (its predecessors are pruned, it itself does not change its input), so recomputing
     Wanda's masks from those inputs must give back exactly the masks that were used."""
     model = tiny_llama()
     original = {n: weight_matrix(m).clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     ids = calibration_ids()
-    report = sparsetorch.prune(model, ids, method="wanda", progress=False)
-    inputs = _layer_inputs(model, ids)
+    report = sparsetorch.prune(model, ids, method="wanda", layer_inputs="pruned", progress=False)
+    expected = _wanda_masks_from(_layer_inputs(model, ids), original, report.masks)
     for name, keep in report.masks.items():
-        norms = (inputs[name] ** 2).sum(0).double()
-        scores = original[name].abs() * norms.sqrt().float()
-        assert torch.equal(Unstructured(per_row=True).mask(scores, 0.5), keep), name
+        assert torch.equal(expected[name], keep), name
 
 
-def test_results_do_not_depend_on_the_batch_size():
+def test_dense_layer_inputs_come_from_the_dense_block_after_pruned_blocks():
+    """With layer_inputs='dense', block i's layers see what the still-dense block i
+    computes from the output of the already-pruned blocks before it."""
+    model = tiny_llama(layers=3)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    original = {n: weight_matrix(m).clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ids = calibration_ids()
+    report = sparsetorch.prune(model, ids, method="wanda", layer_inputs="dense", progress=False)
+    pruned_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for block in range(3):
+        hybrid = {k: (pruned_state[k] if _block_of(k) < block else dense_state[k]) for k in dense_state}
+        model.load_state_dict(hybrid)
+        names = [n for n in report.masks if _block_of(n) == block]
+        expected = _wanda_masks_from(_layer_inputs(model, ids), original, names)
+        for name in names:
+            assert torch.equal(expected[name], report.masks[name]), name
+
+
+def _block_of(name):
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1
+
+
+def test_both_layer_input_modes_prune_exactly():
+    for mode in ("dense", "pruned"):
+        report = sparsetorch.prune(tiny_llama(), calibration_ids(), method="sparsegpt", pattern="2:4",
+                                   layer_inputs=mode, progress=False)
+        assert all(layer.sparsity == 0.5 for layer in report.layers.values())
+    with pytest.raises(ValueError, match=r"layer_inputs must be one of \['dense', 'pruned'\]"):
+        sparsetorch.PruneConfig(layer_inputs="both")
+
+
+@pytest.mark.parametrize("mode", ["dense", "pruned"])
+def test_results_do_not_depend_on_the_batch_size(mode):
     weights = []
     for batch_size in (1, 3, 8):
         model = tiny_llama()
         torch.manual_seed(0)
         model.load_state_dict(tiny_llama().state_dict())
-        sparsetorch.prune(model, calibration_ids(), method="sparsegpt", batch_size=batch_size, progress=False)
+        sparsetorch.prune(model, calibration_ids(), method="sparsegpt", batch_size=batch_size, layer_inputs=mode,
+                          progress=False)
         weights.append(torch.cat([p.flatten() for p in model.parameters()]))
     torch.testing.assert_close(weights[0], weights[1], atol=1e-4, rtol=0)
     torch.testing.assert_close(weights[0], weights[2], atol=1e-4, rtol=0)

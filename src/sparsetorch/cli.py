@@ -59,6 +59,10 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
                        help="modules to prune: names, class names or 're:<regex>' (default: every Linear)")
     group.add_argument("--ignore", nargs="+", default=["lm_head"], help="modules to keep dense (default: lm_head)")
     group.add_argument("--blocks", help="dotted path of the decoder-block list, for model families sparsetorch does not know")
+    group.add_argument("--layer-inputs", choices=["dense", "pruned"], default="dense",
+                       help="calibrate each layer on the dense block's activations (two passes per block, the papers' "
+                            "way) or on the outputs of the already-pruned layers before it (one pass; faster, "
+                            "lower quality at 2:4). Default: dense")
     group.add_argument("--batch-size", type=int, default=4,
                        help="calibration windows per forward; results do not depend on it (default: 4)")
     group.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default: 0.01)")
@@ -169,6 +173,7 @@ def _config_from_args(args):
         targets=args.targets,
         ignore=tuple(args.ignore),
         blocks=args.blocks,
+        layer_inputs=args.layer_inputs,
         batch_size=args.batch_size,
         dampening=args.dampening,
         seed=args.seed,

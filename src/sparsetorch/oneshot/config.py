@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from sparsetorch.oneshot.calibrate import LAYER_INPUTS
 from sparsetorch.oneshot.solvers import SolverOptions, get_solver
 from sparsetorch.patterns import Pattern, parse_pattern
 
@@ -27,6 +28,9 @@ class PruneConfig:
         ignore: module patterns to keep dense.
         blocks: dotted path of the decoder-block ModuleList, for families sparsetorch
             does not know.
+        layer_inputs: 'dense' calibrates every layer of a block on the dense block's
+            activations (two forwards per block, the papers' way, best quality) or
+            'pruned' on the outputs of the already-pruned layers before it (one forward).
         batch_size: calibration windows per forward. Every layer is still pruned from
             all windows; small batches just run faster on CPU.
         dampening: SparseGPT's Hessian dampening, a fraction of its mean diagonal.
@@ -44,6 +48,7 @@ class PruneConfig:
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ("lm_head",)
     blocks: str | None = None
+    layer_inputs: str = "dense"
     batch_size: int = 4
     dampening: float = 0.01
     block_size: int = 128
@@ -60,6 +65,8 @@ class PruneConfig:
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        if self.layer_inputs not in LAYER_INPUTS:
+            raise ValueError(f"layer_inputs must be one of {list(LAYER_INPUTS)}, got {self.layer_inputs!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of windows, got {self.batch_size}")
         if self.block_size < 1:

@@ -1,32 +1,29 @@
 """The sequential block pipeline: prune a model one decoder block at a time.
 
 1. Capture what the model feeds block 0 (and the extra arguments every block gets)
-   for all calibration windows, by standing a recorder in for each block.
-2. For block i, gather each target layer's input statistic, prune it, and let the
-   *pruned* layer produce the inputs of the layers after it. Layers that receive the
-   very same input tensor (q/k/v, gate/up) share one statistic.
+   for all calibration windows (`capture.py`).
+2. For block i, gather each target layer's input statistic and prune it
+   (`calibrate.py`: from the dense block's activations, or from the already-pruned
+   layers' outputs).
 3. The pruned block's outputs are block i+1's inputs.
 
-Step 2 is a single forward pass. The calibration windows run in small batches (small
-tensors stay in cache: 4 windows per batch run a block ~30% faster than 64), each
-batch in its own greenlet; before each target layer every batch adds its input to the
-layer's statistic and pauses, and once all have paused the layer is pruned and they
-resume. Peak memory is one block plus the calibration activations.
+Calibration windows run in small batches (4 windows per batch run a block ~30% faster
+on CPU than 64: the tensors stay in cache). Peak memory is one block plus the
+calibration activations, never the whole model's.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import greenlet
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sparsetorch.families import find_blocks, model_type
+from sparsetorch.oneshot.calibrate import calibrate_and_prune
+from sparsetorch.oneshot.capture import block_forward, capture_block_calls, model_forward
 from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.report import LayerReport, PruneReport
 from sparsetorch.oneshot.resume import ResumeCheckpoint
@@ -35,10 +32,6 @@ from sparsetorch.oneshot.stats import Statistic
 from sparsetorch.targets import find_targets, set_weight_matrix, weight_matrix
 
 __all__ = ["prune"]
-
-
-class _Stop(Exception):
-    """Raised inside a forward pass once the inputs it was run for have been seen."""
 
 
 def prune(
@@ -167,20 +160,21 @@ def _prune_with_calibration(
                 "blocks='path.to.layers' (CLI --blocks) naming its ModuleList of decoder blocks, or "
                 "targets=[...] (CLI --targets 're:.*mlp.*') to prune chosen layers in one whole-model pass"
             )
-        forwards = [_discard_output(_model_forward(model, chunk)) for chunk in chunks]
-        _calibrate_and_prune(pruner.pending(model), forwards, pruner)
+        forwards = [model_forward(model, chunk, keep_output=False) for chunk in chunks]
+        calibrate_and_prune(config.layer_inputs, pruner.pending(model), forwards, pruner, want_outputs=False)
         return
     _check_all_inside(pruner, blocks)
     modules = dict(model.named_modules())
     start, saved = (0, None) if checkpoint is None else checkpoint.restore(modules, pruner.layers, pruner.masks)
-    hidden, calls = _capture_block_calls(model, blocks, chunks)
+    hidden, calls = capture_block_calls(model, blocks, chunks)
     hidden = hidden if saved is None else saved
     bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress)
     for index in range(start, len(blocks)):
         pending = pruner.pending(blocks[index])
         names = [pruner.names[m] for m in pending]
-        forwards = [_block_forward(blocks[index], h, call) for h, call in zip(hidden, calls[index])]
-        hidden = _calibrate_and_prune(pending, forwards, pruner)
+        forwards = [block_forward(blocks[index], h, call) for h, call in zip(hidden, calls[index])]
+        last = index == len(blocks) - 1  # the last block's outputs feed nothing
+        hidden = calibrate_and_prune(config.layer_inputs, pending, forwards, pruner, want_outputs=not last)
         if checkpoint is not None:
             checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
         bar.update()
@@ -195,168 +189,3 @@ def _check_all_inside(pruner: _LayerPruner, blocks: nn.ModuleList) -> None:
             f"layers outside the decoder blocks cannot be calibrated block by block: {outside}; "
             f"keep them dense with ignore={outside} or prune them with method='magnitude'"
         )
-
-
-def _model_forward(model: nn.Module, inputs: Tensor) -> Callable[[], Tensor]:
-    if hasattr(model, "config") and not inputs.is_floating_point():
-        return lambda: model(input_ids=inputs, use_cache=False)
-    return lambda: model(inputs)
-
-
-def _discard_output(forward: Callable[[], object]) -> Callable[[], None]:
-    """Whole-model calibration needs the layer inputs only; logits would waste memory."""
-
-    def run() -> None:
-        forward()
-
-    return run
-
-
-@dataclass
-class _BlockCall:
-    """The non-hidden arguments a model passed to one block for one calibration batch."""
-
-    args: tuple
-    kwargs: dict
-
-
-def _block_forward(block: nn.Module, hidden: Tensor, call: _BlockCall) -> Callable[[], Tensor]:
-    def run() -> Tensor:
-        out = block(hidden, *call.args, **call.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    return run
-
-
-class _Recorder(nn.Module):
-    """Stands in for block `index`: records its inputs and passes the hidden state on."""
-
-    def __init__(self, index: int, last: int, hidden: list[Tensor], calls: list[list[_BlockCall]]) -> None:
-        super().__init__()
-        self.index, self.last, self.hidden, self.calls = index, last, hidden, calls
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        if self.index == 0:
-            self.hidden.append(hidden)
-        self.calls[self.index].append(_BlockCall(args[1:], kwargs))
-        if self.index == self.last:
-            raise _Stop
-        return hidden
-
-
-def _capture_block_calls(
-    model: nn.Module, blocks: nn.ModuleList, chunks: list[Tensor]
-) -> tuple[list[Tensor], list[list[_BlockCall]]]:
-    """Block 0's inputs per batch, and every block's extra arguments per batch.
-
-    Each block gets its own arguments because families such as Gemma-2 give
-    sliding-window and full-attention blocks different masks.
-    """
-    originals = list(blocks)
-    hidden: list[Tensor] = []
-    calls: list[list[_BlockCall]] = [[] for _ in originals]
-    try:
-        for i in range(len(originals)):
-            blocks[i] = _Recorder(i, len(originals) - 1, hidden, calls)
-        for chunk in chunks:
-            try:
-                _model_forward(model, chunk)()
-            except _Stop:
-                pass
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-    return hidden, calls
-
-
-def _hook_input(args: tuple, kwargs: dict) -> Tensor:
-    return args[0] if args else next(iter(kwargs.values()))
-
-
-@contextmanager
-def _pre_hooks(modules: set[nn.Module], hook: Callable) -> Iterator[None]:
-    """Attach `hook` before each module's forward; always detach, even on error."""
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _calibrate_and_prune(
-    pending: set[nn.Module], forwards: list[Callable[[], Tensor]], pruner: _LayerPruner
-) -> list[Tensor]:
-    """Prune every pending layer from the inputs the already-pruned ones produce.
-
-    Each calibration batch runs its forward in its own greenlet. Before a pending layer,
-    a batch adds its input to the layer's statistic and pauses; once every batch has
-    paused there, the layer is pruned and all resume. So the block runs once, on small
-    cache-friendly batches, yet every layer sees all calibration data.
-    """
-    lockstep = _Lockstep(pending, pruner)
-    with _pre_hooks(set(pending), lockstep.hook):
-        outputs = lockstep.run(forwards)
-    if pending:
-        names = sorted(pruner.names[m] for m in pending)
-        raise RuntimeError(f"these target layers never ran during calibration and were not pruned: {names}")
-    return outputs
-
-
-@dataclass
-class _Group:
-    """Layers fed the very same tensor (q/k/v, gate/up) share one statistic."""
-
-    stat: Statistic
-    done: bool = False
-
-
-class _Lockstep:
-    """Runs one forward per batch, pausing all of them before each pending layer."""
-
-    def __init__(self, pending: set[nn.Module], pruner: _LayerPruner) -> None:
-        self.pending, self.pruner = pending, pruner
-        self.scheduler: greenlet.greenlet | None = None
-        self.paused_at: dict[greenlet.greenlet, nn.Module] = {}
-        self.last: dict[greenlet.greenlet, tuple[Tensor, _Group]] = {}
-        self.groups: dict[nn.Module, _Group] = {}
-
-    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if module not in self.pending:
-            return
-        me = greenlet.getcurrent()
-        x = _hook_input(args, kwargs)
-        last_input, last_group = self.last.get(me, (None, None))
-        if x is last_input and last_group.done:  # same input as a layer just pruned
-            self._prune(module, last_group)
-            return
-        group = self.groups.setdefault(module, _Group(self.pruner.statistic(x.shape[-1])))
-        group.stat.add_batch(x)
-        self.last[me] = (x, group)
-        self.paused_at[me] = module
-        self.scheduler.switch()  # wait here until every batch has reached `module`
-
-    def _prune(self, module: nn.Module, group: _Group) -> None:
-        self.pruner.prune(module, group.stat)
-        self.pending.discard(module)
-        group.done = True
-
-    def run(self, forwards: list[Callable[[], Tensor]]) -> list[Tensor]:
-        self.scheduler = greenlet.getcurrent()
-        workers = [greenlet.greenlet(forward) for forward in forwards]
-        outputs: dict[greenlet.greenlet, Tensor] = {}
-        while len(outputs) < len(workers):
-            self.paused_at.clear()
-            for worker in workers:
-                if worker not in outputs:
-                    result = worker.switch()
-                    if worker.dead:
-                        outputs[worker] = result
-            stops = set(self.paused_at.values())
-            if len(stops) > 1 or (stops and len(self.paused_at) + len(outputs) != len(workers)):
-                raise RuntimeError("calibration batches took different paths through the block")
-            if stops:
-                module = stops.pop()
-                self._prune(module, self.groups.pop(module))
-        return [outputs[worker] for worker in workers]

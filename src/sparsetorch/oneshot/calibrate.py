@@ -1,0 +1,197 @@
+"""Calibrating and pruning the layers of one block: two ways to feed each layer.
+
+`layer_inputs="dense"` (the Wanda and SparseGPT papers' way): one forward of the
+still-dense block gathers every layer's statistic, all layers are pruned, and a second
+forward of the pruned block produces the next block's inputs. Each layer is calibrated
+on what the dense block computes from the (already pruned) previous blocks' output.
+
+`layer_inputs="pruned"`: a single forward in which each layer is pruned just before it
+runs, from the inputs the already-pruned layers before it produce. Each calibration
+batch runs in its own greenlet; before a pending layer every batch adds its input to
+the layer's statistic and pauses, and once all have paused the layer is pruned and they
+resume. Half the forward work, but measured worse at 2:4 (benchmarks/RESULTS.md).
+
+Layers fed the very same tensor (q/k/v, gate/up) share one statistic in both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import greenlet
+from torch import Tensor, nn
+
+from sparsetorch.oneshot.capture import Stop
+from sparsetorch.oneshot.stats import Statistic
+
+__all__ = ["LAYER_INPUTS", "calibrate_and_prune"]
+
+LAYER_INPUTS: tuple[str, ...] = ("dense", "pruned")
+
+
+class LayerPruner(Protocol):
+    statistic: type[Statistic]
+    names: dict[nn.Module, str]
+
+    def prune(self, module: nn.Module, stat: Statistic) -> None: ...
+
+
+def calibrate_and_prune(
+    layer_inputs: str,
+    pending: set[nn.Module],
+    forwards: list[Callable[[], Tensor]],
+    pruner: LayerPruner,
+    want_outputs: bool = True,
+) -> list[Tensor] | None:
+    """Prune every layer in `pending` from calibration batches run by `forwards`.
+
+    Returns:
+        The outputs of the pruned block per batch (None if not wanted).
+
+    Raises:
+        RuntimeError: a pending layer never ran during calibration.
+    """
+    if layer_inputs == "pruned":
+        outputs = _from_pruned_inputs(pending, forwards, pruner, want_outputs)
+    else:
+        outputs = _from_dense_inputs(pending, forwards, pruner, want_outputs)
+    if pending:
+        names = sorted(pruner.names[m] for m in pending)
+        raise RuntimeError(f"these target layers never ran during calibration and were not pruned: {names}")
+    return outputs
+
+
+def _hook_input(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+@contextmanager
+def _pre_hooks(modules: set[nn.Module], hook: Callable) -> Iterator[None]:
+    """Attach `hook` before each module's forward; always detach, even on error."""
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---- dense inputs: gather all, prune all, run again ------------------------------------
+
+
+class _Collector:
+    """Accumulates each pending layer's statistic over batches of a dense forward."""
+
+    def __init__(self, pending: set[nn.Module], statistic: type[Statistic]) -> None:
+        self.pending, self.statistic = pending, statistic
+        self.stats: dict[nn.Module, Statistic] = {}  # insertion order = execution order
+        self.last: tuple[Tensor | None, Statistic | None] = (None, None)
+        self.seen = 0
+
+    def start_batch(self) -> None:
+        self.last, self.seen = (None, None), 0
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module not in self.pending:
+            return
+        x = _hook_input(args, kwargs)
+        last_input, last_stat = self.last
+        if x is last_input:  # same tensor as the layer before: share its statistic
+            self.stats.setdefault(module, last_stat)
+        else:
+            stat = self.stats.setdefault(module, self.statistic(x.shape[-1]))
+            stat.add_batch(x)
+            self.last = (x, stat)
+        self.seen += 1
+        if self.seen == len(self.pending):
+            raise Stop  # every input is seen: the rest of the block is not needed
+
+
+def _from_dense_inputs(
+    pending: set[nn.Module], forwards: list[Callable[[], Tensor]], pruner: LayerPruner, want_outputs: bool
+) -> list[Tensor] | None:
+    collector = _Collector(pending, pruner.statistic)
+    with _pre_hooks(set(pending), collector):
+        for forward in forwards:
+            collector.start_batch()
+            try:
+                forward()
+            except Stop:
+                pass
+    for module, stat in collector.stats.items():
+        pruner.prune(module, stat)
+        pending.discard(module)
+    return [forward() for forward in forwards] if want_outputs else None
+
+
+# ---- pruned inputs: one pass, batches in lockstep --------------------------------------
+
+
+def _from_pruned_inputs(
+    pending: set[nn.Module], forwards: list[Callable[[], Tensor]], pruner: LayerPruner, want_outputs: bool
+) -> list[Tensor] | None:
+    lockstep = _Lockstep(pending, pruner)
+    with _pre_hooks(set(pending), lockstep.hook):
+        outputs = lockstep.run(forwards)
+    return outputs if want_outputs else None
+
+
+@dataclass
+class _Group:
+    """Layers fed the very same tensor share one statistic."""
+
+    stat: Statistic
+    done: bool = False
+
+
+class _Lockstep:
+    """Runs one forward per batch, pausing all of them before each pending layer."""
+
+    def __init__(self, pending: set[nn.Module], pruner: LayerPruner) -> None:
+        self.pending, self.pruner = pending, pruner
+        self.scheduler: greenlet.greenlet | None = None
+        self.paused_at: dict[greenlet.greenlet, nn.Module] = {}
+        self.last: dict[greenlet.greenlet, tuple[Tensor, _Group]] = {}
+        self.groups: dict[nn.Module, _Group] = {}
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module not in self.pending:
+            return
+        me = greenlet.getcurrent()
+        x = _hook_input(args, kwargs)
+        last_input, last_group = self.last.get(me, (None, None))
+        if x is last_input and last_group.done:  # same input as a layer just pruned
+            self._prune(module, last_group)
+            return
+        group = self.groups.setdefault(module, _Group(self.pruner.statistic(x.shape[-1])))
+        group.stat.add_batch(x)
+        self.last[me] = (x, group)
+        self.paused_at[me] = module
+        self.scheduler.switch()  # wait here until every batch has reached `module`
+
+    def _prune(self, module: nn.Module, group: _Group) -> None:
+        self.pruner.prune(module, group.stat)
+        self.pending.discard(module)
+        group.done = True
+
+    def run(self, forwards: list[Callable[[], Tensor]]) -> list[Tensor]:
+        self.scheduler = greenlet.getcurrent()
+        workers = [greenlet.greenlet(forward) for forward in forwards]
+        outputs: dict[greenlet.greenlet, Tensor] = {}
+        while len(outputs) < len(workers):
+            self.paused_at.clear()
+            for worker in workers:
+                if worker not in outputs:
+                    result = worker.switch()
+                    if worker.dead:
+                        outputs[worker] = result
+            stops = set(self.paused_at.values())
+            if len(stops) > 1 or (stops and len(self.paused_at) + len(outputs) != len(workers)):
+                raise RuntimeError("calibration batches took different paths through the block")
+            if stops:
+                module = stops.pop()
+                self._prune(module, self.groups.pop(module))
+        return [outputs[worker] for worker in workers]
