@@ -86,3 +86,17 @@ def test_bad_dampening_is_rejected():
     X = _calibration()
     with pytest.raises(ValueError, match="dampening must be > 0"):
         sparsegpt_prune(torch.randn(4, 32), X.t() @ X, NM(2, 4), None, dampening=0)
+
+
+@pytest.mark.parametrize("pattern,sparsity", [(Unstructured(), 0.5), (NM(2, 4), None), (Block(2, 4), 0.6)])
+def test_layers_sharing_an_input_give_the_same_result_stacked(pattern, sparsity):
+    from sparsetorch.oneshot.sparsegpt import sparsegpt_prune_many
+
+    X = _calibration()
+    gram = X.t() @ X
+    weights = [torch.randn(16, 32), torch.randn(6, 32), torch.randn(10, 32)]
+    together = sparsegpt_prune_many(weights, gram, pattern, sparsity, block_size=8)
+    for weight, (pruned, keep) in zip(weights, together):
+        alone, alone_keep = sparsegpt_prune(weight, gram, pattern, sparsity, block_size=8)
+        assert torch.equal(keep, alone_keep)
+        torch.testing.assert_close(pruned, alone, rtol=1e-4, atol=1e-5)

@@ -38,6 +38,8 @@ class LayerPruner(Protocol):
 
     def prune(self, module: nn.Module, stat: Statistic) -> None: ...
 
+    def prune_group(self, modules: list[nn.Module], stat: Statistic) -> None: ...
+
 
 def calibrate_and_prune(
     layer_inputs: str,
@@ -121,9 +123,12 @@ def _from_dense_inputs(
                 forward()
             except Stop:
                 pass
-    for module, stat in collector.stats.items():
-        pruner.prune(module, stat)
-        pending.discard(module)
+    groups: dict[int, tuple[Statistic, list[nn.Module]]] = {}
+    for module, stat in collector.stats.items():  # layers sharing an input are solved together
+        groups.setdefault(id(stat), (stat, []))[1].append(module)
+    for stat, modules in groups.values():
+        pruner.prune_group(modules, stat)
+        pending.difference_update(modules)
     return [forward() for forward in forwards] if want_outputs else None
 
 

@@ -120,21 +120,27 @@ class _LayerPruner:
         return {m for m in within.modules() if m in self.names and self.names[m] not in self.layers}
 
     def prune(self, module: nn.Module, stat: Statistic | None) -> None:
-        name = self.names[module]
+        self.prune_group([module], stat)
+
+    def prune_group(self, modules: list[nn.Module], stat: Statistic | None) -> None:
+        """Prune layers that share one input (and so one statistic) together."""
         started = time.perf_counter()
-        options = replace(self.config.solver_options(), seed=self.config.seed + self.index[module])
-        weight = weight_matrix(module)
-        new_weight, keep = self.solver.solve(weight, stat, self.pattern, self.config.sparsity, options)
-        set_weight_matrix(module, new_weight)
-        self.masks[name] = keep
-        zeros = weight.numel() - int(torch.count_nonzero(weight_matrix(module)))
-        self.layers[name] = LayerReport(
-            name=name,
-            shape=tuple(weight.shape),
-            target_sparsity=self.config.sparsity,
-            sparsity=zeros / weight.numel(),
-            seconds=time.perf_counter() - started,
-        )
+        options = replace(self.config.solver_options(), seed=self.config.seed + self.index[modules[0]])
+        weights = [weight_matrix(module) for module in modules]
+        results = self.solver.solve(weights, stat, self.pattern, self.config.sparsity, options)
+        seconds = (time.perf_counter() - started) / len(modules)
+        for module, weight, (new_weight, keep) in zip(modules, weights, results):
+            set_weight_matrix(module, new_weight)
+            name = self.names[module]
+            self.masks[name] = keep
+            zeros = weight.numel() - int(torch.count_nonzero(new_weight))
+            self.layers[name] = LayerReport(
+                name=name,
+                shape=tuple(weight.shape),
+                target_sparsity=self.config.sparsity,
+                sparsity=zeros / weight.numel(),
+                seconds=seconds,
+            )
 
     def report(self, seconds: float) -> PruneReport:
         return PruneReport(config=self.config, layers=self.layers, masks=self.masks, seconds=seconds)

@@ -1,8 +1,9 @@
 """Layer solvers: prune one weight matrix given its calibration statistic.
 
-A solver is a pure function `(weight, statistic, pattern, sparsity, options) ->
-(new_weight, keep_mask)` registered under a method name. Registering a name twice is
-an error; asking for an unknown one lists what exists.
+A solver is a pure function `(weights, statistic, pattern, sparsity, options) ->
+[(new_weight, keep_mask), ...]` registered under a method name. It gets the weights of
+all layers that share one input (q/k/v) together, so it may solve them in one sweep.
+Registering a name twice is an error; asking for an unknown one lists what exists.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsetorch.oneshot.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from sparsetorch.oneshot.sparsegpt import inverse_hessian_factor, sparsegpt_prune_many
 from sparsetorch.oneshot.stats import Gram, InputSqNorms, Statistic
 from sparsetorch.patterns import Pattern
 from sparsetorch.scores import magnitude_scores, random_scores, wanda_scores
@@ -30,7 +31,7 @@ class SolverOptions:
     seed: int = 0
 
 
-SolveFn = Callable[[Tensor, "Statistic | None", Pattern, float, SolverOptions], tuple[Tensor, Tensor]]
+SolveFn = Callable[[list[Tensor], "Statistic | None", Pattern, float, SolverOptions], list[tuple[Tensor, Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -74,33 +75,37 @@ def get_solver(name: str) -> Solver:
         ) from None
 
 
-def _apply(weight: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero the pruned weights: +0.0, never -0.0, so every stored form is bit-identical."""
-    return weight.masked_fill(~keep, 0.0), keep
+def _masked(weights: list[Tensor], scores: list[Tensor], pattern: Pattern, sparsity: float) -> list[tuple[Tensor, Tensor]]:
+    """Zero the lowest-scored weights: +0.0, never -0.0, so every stored form is bit-identical."""
+    results = []
+    for weight, score in zip(weights, scores):
+        keep = pattern.mask(score, sparsity)
+        results.append((weight.masked_fill(~keep, 0.0), keep))
+    return results
 
 
 @register_solver("magnitude", None, "keep the largest |W|; no calibration data")
-def _magnitude(weight: Tensor, stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
-    return _apply(weight, pattern.mask(magnitude_scores(weight), sparsity))
+def _magnitude(weights: list[Tensor], stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
+    return _masked(weights, [magnitude_scores(w) for w in weights], pattern, sparsity)
 
 
 @register_solver("random", None, "keep a random subset; the baseline every method must beat")
-def _random(weight: Tensor, stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
+def _random(weights: list[Tensor], stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
     generator = torch.Generator().manual_seed(opts.seed)
-    return _apply(weight, pattern.mask(random_scores(weight, generator), sparsity))
+    return _masked(weights, [random_scores(w, generator) for w in weights], pattern, sparsity)
 
 
 @register_solver("wanda", InputSqNorms, "keep the largest |W| * ||X||; one pass, no weight update")
-def _wanda(weight: Tensor, stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
+def _wanda(weights: list[Tensor], stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
     norms = stat.input_sq_norms() if isinstance(stat, Gram) else stat.value
-    return _apply(weight, pattern.mask(wanda_scores(weight, norms), sparsity))
+    return _masked(weights, [wanda_scores(w, norms) for w in weights], pattern, sparsity)
 
 
 @register_solver("sparsegpt", Gram, "OBS column sweep with lazy updates; reconstructs the kept weights")
-def _sparsegpt(weight: Tensor, stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
+def _sparsegpt(weights: list[Tensor], stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
     key = ("inverse_hessian_factor", opts.dampening)
-    if key not in stat.cache:  # q/k/v share one input, so one factorization
+    if key not in stat.cache:  # layers pruned one at a time (pruned inputs) still share it
         stat.cache[key] = inverse_hessian_factor(stat.value, opts.dampening)
-    return sparsegpt_prune(
-        weight, stat.value, pattern, sparsity, block_size=opts.block_size, hinv=stat.cache[key]
+    return sparsegpt_prune_many(
+        weights, stat.value, pattern, sparsity, block_size=opts.block_size, hinv=stat.cache[key]
     )

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from sparsetorch.patterns import NM, Pattern
 
-__all__ = ["inverse_hessian_factor", "sparsegpt_prune"]
+__all__ = ["inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_prune_many"]
 
 
 def inverse_hessian_factor(gram: Tensor, dampening: float) -> Tensor:
@@ -74,12 +74,33 @@ def sparsegpt_prune(
     Example:
         >>> new_weight, keep = sparsegpt_prune(layer.weight, gram.value, NM(2, 4), None)
     """
-    pattern.check_shape(weight.shape)
+    [result] = sparsegpt_prune_many([weight], gram, pattern, sparsity, block_size=block_size,
+                                    dampening=dampening, hinv=hinv)
+    return result
+
+
+def sparsegpt_prune_many(
+    weights: list[Tensor],
+    gram: Tensor,
+    pattern: Pattern,
+    sparsity: float | None,
+    *,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    hinv: Tensor | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """`sparsegpt_prune` for layers that share one input (q/k/v): one column sweep over
+    their stacked rows, the same result as pruning each alone, at one sweep's cost.
+
+    Each layer keeps its own exact sparsity: masks are chosen per layer.
+    """
+    for weight in weights:
+        pattern.check_shape(weight.shape)
     sparsity = pattern.resolve_sparsity(sparsity)
-    W = weight.detach().float().clone()
+    rows = [w.shape[0] for w in weights]
+    W = torch.cat([w.detach().float() for w in weights])  # (sum of rows, in)
     cols = W.shape[1]
-    dead = gram.diagonal() == 0  # inputs that were always zero carry no information
-    W[:, dead] = 0.0
+    W[:, gram.diagonal() == 0] = 0.0  # inputs that were always zero carry no information
     if hinv is None:
         hinv = inverse_hessian_factor(gram, dampening)  # (in, in), upper triangular
     group = pattern.group_width
@@ -88,14 +109,25 @@ def sparsegpt_prune(
     Wt = W.t().contiguous()  # (in, out): column i of W is a contiguous row here
     for start in range(0, cols, block_size):
         stop = min(start + block_size, cols)
-        block_keep, errors = _prune_block(Wt, hinv, pattern, sparsity, start, stop)
+        block_keep, errors = _prune_block(Wt, hinv, pattern, sparsity, rows, start, stop)
         keep[:, start:stop] = block_keep
         Wt[stop:] -= hinv[start:stop, stop:].t() @ errors  # lazy update of the columns to the right
-    return Wt.t().contiguous(), keep
+    pruned = Wt.t().contiguous()
+    return list(zip(pruned.split(rows), keep.split(rows)))
+
+
+def _slice_keep(scores: Tensor, pattern: Pattern, sparsity: float, rows: list[int], cols: int, start: int,
+                stop: int) -> Tensor:
+    """Keep-mask of one column slice, (out, width), chosen layer by layer."""
+    masks = []
+    for part, count in zip(scores.split(rows), rows):
+        n_prune = pattern.slice_n_prune((count, cols), sparsity, start, stop)
+        masks.append(pattern.mask(part, sparsity, n_prune=n_prune))
+    return torch.cat(masks)
 
 
 def _prune_block(
-    Wt: Tensor, hinv: Tensor, pattern: Pattern, sparsity: float, start: int, stop: int
+    Wt: Tensor, hinv: Tensor, pattern: Pattern, sparsity: float, rows: list[int], start: int, stop: int
 ) -> tuple[Tensor, Tensor]:
     """Prune columns [start, stop) of W (rows of Wt) in place; return their keep mask and
     the scaled errors, (width, out)."""
@@ -107,8 +139,7 @@ def _prune_block(
     if is_nm:
         keep = torch.ones(block.shape[1], block.shape[0], dtype=torch.bool)
     else:
-        n_prune = pattern.slice_n_prune((Wt.shape[1], Wt.shape[0]), sparsity, start, stop)
-        keep = pattern.mask((block.t() / diag).square(), sparsity, n_prune=n_prune)  # (out, width)
+        keep = _slice_keep((block.t() / diag).square(), pattern, sparsity, rows, Wt.shape[0], start, stop)
     scale = (~keep).t() / diag.unsqueeze(1)  # (width, out): error per unit of weight, 0 where kept
     for i in range(stop - start):
         if is_nm and i % pattern.m == 0:
