@@ -55,6 +55,8 @@ class TrainConfig:
         lr: peak learning rate.
         weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
         eval_every: steps between evaluations for the curve.
+        bf16: run training forward passes under `torch.autocast` in bfloat16 (evaluation
+            stays float32).
     """
 
     method: str = "rigl"
@@ -65,6 +67,7 @@ class TrainConfig:
     lr: float = 0.05
     weight_decay: float = 5e-4
     eval_every: int = 50
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
@@ -280,7 +283,9 @@ def run_gpt(config: TrainConfig, shape: GPTShape = GPTShape(), corpus: CharCorpu
     def loss_at(step: int) -> Tensor:
         starts = torch.randint(0, corpus.train.numel() - shape.context - 1, (config.batch_size,), generator=batches)
         chunk = torch.stack([corpus.train[s : s + shape.context + 1] for s in starts.tolist()])
-        return F.cross_entropy(model(chunk[:, :-1]).flatten(0, 1), chunk[:, 1:].flatten())
+        with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            logits = model(chunk[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -290,8 +295,8 @@ def run_gpt(config: TrainConfig, shape: GPTShape = GPTShape(), corpus: CharCorpu
 
     started = time.perf_counter()
     curve = train_loop(model, optimizer, loss_at, config, evaluate, stepper, _period(plan))
-    sparsity = _sparsity(stepper) if isinstance(stepper, Sparsifier) else float("nan")
-    return RunResult(config.method, curve, curve[-1][1], sparsity, time.perf_counter() - started)
+    sparsity = _sparsity(stepper) if stepper is None or isinstance(stepper, Sparsifier) else float("nan")
+    return RunResult(config.method, curve, curve[-1][1], sparsity, time.perf_counter() - started, info={"stepper": stepper})
 
 
 def plot_curves(runs: dict[str, list[list[tuple[int, float]]]], path: str | Path, ylabel: str, title: str = "") -> Path:

@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sparsetorch.training.method import LATENT, MASK
 
-__all__ = ["attach_hard", "attach_soft", "detach", "masked_weight", "refresh_soft"]
+__all__ = ["attach_hard", "attach_soft", "detach", "masked_weight", "refresh_soft", "set_scales"]
 
 SCALE = "weight_mask_scale"
 
@@ -126,6 +126,13 @@ def attach_soft(module: nn.Module, refine: float) -> RemovableHandle:
     module.register_buffer(SCALE, torch.tensor([0.0, 1.0], device=weight.device))
     refresh_soft(module)
     return module.register_forward_pre_hook(_SoftForward(refine))
+
+
+@torch.no_grad()
+def set_scales(module: nn.Module, forward: float, backward: float) -> None:
+    """Set (a, b) of a soft-masked layer: pruned entries weigh a in the forward pass and
+    get b times their gradient."""
+    getattr(module, SCALE).copy_(torch.tensor([forward, backward]))
 
 
 @torch.no_grad()

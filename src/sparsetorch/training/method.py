@@ -162,6 +162,11 @@ class Method:
         """Whether masks change after the first step (so optimizer state must be masked)."""
         return True
 
+    @property
+    def refine(self) -> float:
+        """For soft methods: SR-STE's decay of pruned latent weights through their gradient."""
+        return 0.0
+
     def sparsity_at(self, layer: Layer, step: int) -> float:
         """The scheduled sparsity of `layer` after `step` steps."""
         return self.config.sparsity_at(step, layer.final)

@@ -68,6 +68,10 @@ class SRSTE(Schedule):
 class SRSTEMethod(NMMethod):
     """Mask from |w| every step, straight-through gradients plus the refine term."""
 
+    @property
+    def refine(self) -> float:
+        return self.config.refine
+
     def initial_masks(self) -> MaskUpdate:
         return MaskUpdate(self.latent_masks(), scales=(0.0, 1.0))
 

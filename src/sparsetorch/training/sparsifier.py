@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from sparsetorch.patterns import Pattern, parse_pattern
 from sparsetorch.targets import find_targets, is_prunable
 from sparsetorch.training.distributions import layer_sparsities
-from sparsetorch.training.masking import attach_hard, attach_soft, detach, refresh_soft
+from sparsetorch.training.masking import attach_hard, attach_soft, detach, refresh_soft, set_scales
 from sparsetorch.training.method import Layer, MaskUpdate, Schedule, method_for
 
 __all__ = ["DEFAULT_TARGETS", "Sparsifier", "is_sparse_trainable"]
@@ -138,7 +138,7 @@ class Sparsifier:
 
     def _attach(self, index: int, layer: Layer):
         if self.method.soft:
-            return attach_soft(layer.module, getattr(self.schedule, "refine", 0.0))
+            return attach_soft(layer.module, self.method.refine)
         return attach_hard(layer.module, lambda grad: self._collect(index, grad))
 
     # ---- the training step -------------------------------------------------------------
@@ -203,7 +203,7 @@ class Sparsifier:
     def _apply_soft(self, layer: Layer, mask: Tensor, scales: tuple[float, float] | None) -> None:
         layer.mask.copy_(mask)
         if scales is not None:
-            layer.module.weight_mask_scale.copy_(torch.tensor(scales))
+            set_scales(layer.module, *scales)
         refresh_soft(layer.module)
 
     def _zero_state(self, param: Tensor, where: Tensor) -> None:

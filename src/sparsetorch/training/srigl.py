@@ -108,7 +108,8 @@ class SRigLMethod(DropGrowMethod):
 
     @staticmethod
     def _rows(layer: Layer, tensor: Tensor) -> Tensor:
-        return layer.matrix(tensor).reshape(layer.matrix(tensor).shape[0], -1)  # (out, fan-in)
+        matrix = layer.matrix(tensor)
+        return matrix.reshape(matrix.shape[0], -1)  # (out, fan-in)
 
     @staticmethod
     def _back(layer: Layer, rows: Tensor) -> Tensor:
