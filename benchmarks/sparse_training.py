@@ -145,40 +145,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--resume", action="store_true", help="reuse runs already in <out>/sparse_training.json")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    corpus = char_corpus()
-    started = time.perf_counter()
+SETTINGS = ("steps", "width", "layers", "heads", "context", "batch", "lr", "weight_decay", "eval_every", "eval_windows", "fp32")
+
+
+def load_done(path: Path, args: argparse.Namespace) -> dict[tuple[str, int], RunResult]:
+    """Runs already measured with the same settings (for --resume after an interruption)."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved["settings"] != {key: getattr(args, key) for key in SETTINGS}:
+        print(f"{path} holds runs with other settings; starting afresh", flush=True)
+        return {}
+    return {(r["label"], r["info"]["seed"]): RunResult(**{**r, "curve": [tuple(point) for point in r["curve"]]})
+            for runs in saved["results"].values() for r in runs}
+
+
+def save(path: Path, args: argparse.Namespace, results: dict[str, list[RunResult]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {key: getattr(args, key) for key in SETTINGS}
+    raw = {m: [asdict(r) for r in runs] for m, runs in results.items()}
+    path.write_text(json.dumps({"settings": settings, "results": raw}, indent=1))
+
+
+def run_all(args: argparse.Namespace, corpus) -> dict[str, list[RunResult]]:
+    path = args.out / "sparse_training.json"
+    done = load_done(path, args) if args.resume else {}
     results: dict[str, list[RunResult]] = {m: [] for m in args.methods}
     for seed in range(args.seeds):
         for method in args.methods:
-            result = run(method, seed, args, corpus)
+            result = done.get((method, seed))
+            if result is None:
+                result = run(method, seed, args, corpus)
+                result.info["seed"] = seed
             results[method].append(result)
+            save(path, args, results)
             print(f"seed {seed} {method:12s} val loss {result.final:.4f}  sparsity {result.sparsity:.1%}  "
                   f"{result.seconds:.0f} s", flush=True)
-    minutes = (time.perf_counter() - started) / 60
+    return results
+
+
+def report(args: argparse.Namespace, results: dict[str, list[RunResult]], corpus, command: str) -> list[str]:
+    """The table, the verdicts and the PNG; returns the RESULTS.md section."""
     stats, table = summarize(results)
     verdicts = checks(stats) if set(LABELS) <= set(results) and args.seeds > 1 else []
     print("\n".join([*table, "", *verdicts]))
-
-    args.out.mkdir(parents=True, exist_ok=True)
     plot = plot_curves({LABELS[m]: [r.curve for r in runs] for m, runs in results.items()},
                        args.out / "sparse_training.png", "validation loss (held-out plays)",
                        title=f"tiny GPT {args.layers}x{args.width}, ctx {args.context}, {args.steps} steps, {args.seeds} seeds")
-    raw = {m: [asdict(r) for r in runs] for m, runs in results.items()}
-    (args.out / "sparse_training.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                               "results": raw}, indent=1))
-    command = "python benchmarks/sparse_training.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    section = [
+    minutes = sum(r.seconds for runs in results.values() for r in runs) / 60
+    return [
         f"## Sparse training: tiny GPT on Shakespeare ({time.strftime('%Y-%m-%d')})",
         "",
-        f"Command: `flock /work/cpu.lock {command.strip()}`  ",
-        f"torch {torch.__version__}, Python {platform.python_version()}, {machine()}; {minutes:.0f} min in all.  ",
+        f"Command: `{command}`  ",
+        f"torch {torch.__version__}, Python {platform.python_version()}, {machine()}; {minutes:.0f} min of training in all.  ",
         f"Model: {args.layers} blocks, width {args.width}, {args.heads} heads, context {args.context} characters, "
         f"vocabulary {len(corpus.vocab)} ({corpus.source}); AdamW lr {args.lr} (5% warm-up, cosine to 10%), "
         f"weight decay {args.weight_decay}, batch {args.batch}, {args.steps} steps, grad clip 1.0, "
@@ -193,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Curves: `{plot.name}`; raw numbers: `sparse_training.json`.",
         "",
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    corpus = char_corpus()
+    results = run_all(args, corpus)
+    command = "python benchmarks/sparse_training.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    section = report(args, results, corpus, command.strip())
     if not args.no_append:
         results_md = HERE / "RESULTS.md"
         previous = results_md.read_text() if results_md.exists() else "# Benchmark results\n\n"

@@ -36,3 +36,10 @@ def test_soft_masking_keeps_parameter_order_and_detach_restores_a_plain_weight()
     assert layer.weight is weight and layer.weight[0, 1] == 0 and not mask[0, 1]
     assert set(layer.state_dict()) == {"weight", "bias"}
     assert not layer._forward_pre_hooks
+
+
+def test_a_module_cannot_be_masked_twice():
+    layer = nn.Linear(4, 2)
+    attach_hard(layer, lambda grad: None)
+    with pytest.raises(ValueError, match="another Sparsifier is attached"):
+        attach_soft(layer, 0.0)

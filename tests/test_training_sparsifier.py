@@ -1,13 +1,9 @@
-import dataclasses
-from typing import ClassVar
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetorch.training import SRSTE, Gradual, OneShot, RigL, Schedule, Sparsifier, register_method, schedule_from_dict
-from sparsetorch.training.method import Method, method_for
+from sparsetorch.training import SRSTE, Gradual, OneShot, RigL, Sparsifier
 from training_helpers import OPTIMIZERS, batch, mlp, train_step
 
 
@@ -102,26 +98,6 @@ def test_state_of_another_schedule_is_refused():
     _, _, b = sparsifier_for(Gradual(sparsity=0.6, end=4))
     with pytest.raises(ValueError, match="was saved for"):
         b.load_state_dict(a.state_dict())
-
-
-def test_schedules_round_trip_through_plain_dicts():
-    config = RigL(sparsity=0.9, end=300, every=10)
-    assert schedule_from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown sparse-training method 'magic'; available: gradual"):
-        schedule_from_dict({"method": "magic"})
-    with pytest.raises(ValueError, match="unknown RigL fields"):
-        schedule_from_dict({"method": "rigl", "sparsity": 0.5, "end": 3, "speed": 1})
-
-
-def test_an_unregistered_config_says_what_to_write_and_duplicates_are_refused():
-    @dataclasses.dataclass(frozen=True, kw_only=True)
-    class Movement(Schedule):
-        name: ClassVar[str] = "movement-test"
-
-    with pytest.raises(NotImplementedError, match="@register_method\\(Movement\\)"):
-        method_for(Movement(sparsity=0.5))
-    with pytest.raises(ValueError, match="already registered"):
-        register_method(RigL)(Method)
 
 
 @pytest.mark.parametrize("schedule", [RigL(sparsity=0.75, end=10, every=2), SRSTE()])

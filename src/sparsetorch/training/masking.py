@@ -96,6 +96,14 @@ def _rename_parameter(module: nn.Module, old: str, new: str) -> None:
     module._parameters.update(items)
 
 
+def _check_free(module: nn.Module) -> None:
+    if hasattr(module, MASK):
+        raise ValueError(
+            f"{type(module).__name__} already carries a {MASK!r}: another Sparsifier is attached; call its "
+            "finalize() first"
+        )
+
+
 def attach_hard(module: nn.Module, collect: Callable[[Tensor], None]) -> RemovableHandle:
     """Give `module` an all-True `weight_mask` buffer and a hook masking its weight gradient.
 
@@ -105,7 +113,11 @@ def attach_hard(module: nn.Module, collect: Callable[[Tensor], None]) -> Removab
 
     Returns:
         The hook's handle, for `detach`.
+
+    Raises:
+        ValueError: the module is masked already.
     """
+    _check_free(module)
     module.register_buffer(MASK, torch.ones_like(module.weight, dtype=torch.bool))
     return module.weight.register_hook(_GradMask(module, collect))
 
@@ -119,7 +131,11 @@ def attach_soft(module: nn.Module, refine: float) -> RemovableHandle:
 
     Returns:
         The forward pre-hook's handle, for `detach`.
+
+    Raises:
+        ValueError: the module is masked already.
     """
+    _check_free(module)
     weight = module.weight
     _rename_parameter(module, "weight", LATENT)
     module.register_buffer(MASK, torch.ones_like(weight, dtype=torch.bool))
