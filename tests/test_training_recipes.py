@@ -5,9 +5,10 @@ from sparsetorch.training.recipes import RECIPES, recipe, register_recipe
 
 
 def test_recipes_scale_their_steps_to_the_run():
-    assert recipe("rigl", 1000, 0.9).schedule == RigL(sparsity=0.9, end=750, every=25)
+    assert recipe("rigl", 1000, 0.9).schedule == RigL(sparsity=0.9, end=750, every=75)
+    assert recipe("rigl", 100_000, 0.9).schedule.every == 100  # RigL's Delta T on long runs
     assert recipe("rigl", 1000, 0.9).distribution == "erk"
-    assert recipe("gmp", 1000, 0.9).schedule == Gradual(sparsity=0.9, start=100, end=600, every=25)
+    assert recipe("gmp", 1000, 0.9).schedule == Gradual(sparsity=0.9, start=100, end=600, every=75)
     assert recipe("srste", 1000, 0.9).schedule == SRSTE() and recipe("srste", 1000, 0.9).pattern == "2:4"
     assert recipe("dense", 10, 0.9).schedule is None
 

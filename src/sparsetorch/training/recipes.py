@@ -4,10 +4,13 @@ The demos, the CLI and the benchmark ask for 'rigl' or 'gmp' by name and get the
 Sparsifier arguments the papers use, with every step count a fraction of the run:
 RigL and SET stop moving masks at 75% of training (Evci et al.), gradual pruning ramps
 from 10% to 60% of training (Zhu & Gupta prune in the first half, then fine-tune).
+Masks move every 100 steps as in RigL, or more often on short runs so that at least
+`UPDATES` updates happen; never so often that zero-initialized weights are judged again
+before they had time to grow.
 
 Example:
     >>> recipe("rigl", steps=1000, sparsity=0.9).schedule
-    RigL(sparsity=0.9, end=750, every=25, drop_fraction=0.3, decay='cosine')
+    RigL(sparsity=0.9, end=750, every=75, drop_fraction=0.3, decay='cosine')
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from sparsetorch.training.srigl import SRigL
 
 __all__ = ["RECIPES", "Recipe", "recipe", "register_recipe"]
 
-UPDATES = 30  # mask updates in a dynamic run: Delta T = 75% of the steps / UPDATES
+UPDATES = 10  # at least this many mask updates in a run: Delta T = min(100, 75% of the steps / UPDATES)
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def register_recipe(name: str) -> Callable[[RecipeFn], RecipeFn]:
 
 
 def _every(steps: int) -> int:
-    return max(1, int(0.75 * steps) // UPDATES)
+    return max(1, min(100, int(0.75 * steps) // UPDATES))
 
 
 @register_recipe("dense")
