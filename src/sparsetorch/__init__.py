@@ -2,6 +2,7 @@
 
 from sparsetorch.oneshot import PruneConfig, PruneReport, prune
 from sparsetorch.patterns import NM, Block, Pattern, Unstructured, parse_pattern
+from sparsetorch.training import Sparsifier
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "Pattern",
     "PruneConfig",
     "PruneReport",
+    "Sparsifier",
     "Unstructured",
     "__version__",
     "parse_pattern",

@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   sparsetorch inspect smollm2-24
   sparsetorch export smollm2-24 --out smollm2-24-ct    # compressed-tensors 0.14 layout
   sparsetorch demo
+  sparsetorch train-demo --task digits --methods dense static rigl gmp
 """
 
 
@@ -124,7 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(demo, calibration=True, evaluation=True)
     demo.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens for the decode-speed test (default: 128)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_train_demo(sub)
     return parser
+
+
+def _add_train_demo(sub) -> None:
+    from sparsetorch.training.recipes import RECIPES
+
+    train = sub.add_parser("train-demo", help="train a small model sparse on bundled data and compare methods",
+                           description="Train a digits CNN/MLP (scikit-learn's digits) or a tiny character-level GPT "
+                                       "(the bundled Shakespeare, validated on held-out plays) once per method, "
+                                       "same seed and batches for all, and print a comparison table.")
+    train.add_argument("--task", choices=["digits", "gpt"], default="digits", help="default: digits")
+    train.add_argument("--methods", nargs="+", default=["dense", "rigl"], metavar="METHOD",
+                       help=f"{', '.join(sorted(RECIPES))} (default: dense rigl)")
+    train.add_argument("--sparsity", type=float, default=0.9, help="global sparsity, in [0, 1) (default: 0.9; N:M implies it)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: 300 for digits, 200 for gpt)")
+    train.add_argument("--seed", type=int, default=0, help="seed for model, batches and masks (default: 0)")
+    train.add_argument("--model", choices=["cnn", "mlp"], default="cnn", help="digits model (default: cnn)")
+    train.add_argument("--width", type=int, default=128, help="GPT width (default: 128)")
+    train.add_argument("--layers", type=int, default=4, help="GPT blocks (default: 4)")
+    train.add_argument("--context", type=int, default=64, help="GPT context in characters (default: 64)")
+    train.add_argument("--plot", type=Path, help="save the evaluation curves as a PNG")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsetorch.formats.checkpoint import CorruptFileError
 
     handlers = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export,
-                "demo": _cmd_demo}
+                "demo": _cmd_demo, "train-demo": _cmd_train_demo}
     if getattr(args, "quiet", False):
         _silence_transformers()
     try:
@@ -343,6 +365,20 @@ def _cmd_demo(args) -> int:
     started = time.perf_counter()
     run_demo(args, config, out)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _cmd_train_demo(args) -> int:
+    from sparsetorch.training.demo import GPTShape, plot_curves, results_table, train_demo
+
+    shape = GPTShape(width=args.width, layers=args.layers, context=args.context)
+    results = train_demo(args.task, args.methods, sparsity=args.sparsity, steps=args.steps, seed=args.seed,
+                         model=args.model, shape=shape)
+    metric = "test loss" if args.task == "digits" else "validation loss"
+    print(results_table(results, metric))
+    if args.plot:
+        curves = {r.label: [r.curve] for r in results}
+        print(f"curves: {plot_curves(curves, args.plot, metric, title=f'train-demo {args.task}')}")
     return 0
 
 

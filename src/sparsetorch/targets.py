@@ -9,7 +9,7 @@ module type, and any other string matches a module named exactly that or ending 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,7 @@ def find_targets(
     model: nn.Module,
     targets: Sequence[str] | None = None,
     ignore: Sequence[str] | None = None,
+    prunable: Callable[[nn.Module], bool] = is_prunable,
 ) -> dict[str, nn.Module]:
     """Prunable modules of `model` picked by `targets` and not by `ignore`, in model order.
 
@@ -81,6 +82,8 @@ def find_targets(
         model: any module.
         targets: patterns to include; default: every Linear and Conv1D.
         ignore: patterns to leave dense; default: `lm_head`.
+        prunable: which module kinds may be picked at all (default: `is_prunable`, Linear
+            and Conv1D; sparse training also takes convolutions).
 
     Raises:
         ValueError: nothing matched, with the names of the modules that could have.
@@ -95,13 +98,13 @@ def find_targets(
     found = {
         name: module
         for name, module in model.named_modules()
-        if is_prunable(module) and matches(name, module, targets) and not matches(name, module, ignore)
+        if prunable(module) and matches(name, module, targets) and not matches(name, module, ignore)
     }
     if not found:
-        candidates = [name for name, module in model.named_modules() if is_prunable(module)]
+        candidates = [name for name, module in model.named_modules() if prunable(module)]
         shown = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "")
         raise ValueError(
-            f"targets={list(targets)} with ignore={list(ignore)} match no Linear layer; "
+            f"targets={list(targets)} with ignore={list(ignore)} match no prunable layer; "
             f"prunable layers are: {shown or 'none'}"
         )
     return found

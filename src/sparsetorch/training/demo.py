@@ -1,0 +1,372 @@
+"""Train small models sparse on bundled data: sklearn's digits, and Shakespeare by character.
+
+Used by `sparsetorch train-demo`, the examples and `benchmarks/sparse_training.py`. One
+loop serves every method: forward, backward, clip, `optimizer.step()`, then the
+stepper's `step()` (a Sparsifier, or any object with `step()`), then `zero_grad()`. The
+learning rate warms up linearly for 5% of the run and follows a cosine down to 10%; for
+iterative pruning it restarts with every round, as weight rewinding requires.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsetorch.patterns import check_sparsity
+from sparsetorch.training.recipes import Recipe, recipe
+from sparsetorch.training.schedules import Iterative
+from sparsetorch.training.sparsifier import Sparsifier
+from sparsetorch.training.toys import DigitsCNN, DigitsMLP, TinyGPT
+
+__all__ = [
+    "CharCorpus",
+    "GPTShape",
+    "RunResult",
+    "TrainConfig",
+    "char_corpus",
+    "digits_data",
+    "plot_curves",
+    "run_digits",
+    "run_gpt",
+    "train_loop",
+]
+
+DIGITS_MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": DigitsCNN, "mlp": DigitsMLP}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Args:
+        method: a recipe name ('dense', 'static', 'gmp', 'set', 'rigl', 'srigl', 'srste', ...).
+        sparsity: global sparsity for the methods that take one (N:M recipes imply theirs).
+        steps: optimizer steps.
+        seed: seeds the model, the batches and the masks.
+        batch_size: examples (digits) or windows (GPT) per step.
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+        eval_every: steps between evaluations for the curve.
+        bf16: run training forward passes under `torch.autocast` in bfloat16 (evaluation
+            stays float32).
+    """
+
+    method: str = "rigl"
+    sparsity: float = 0.9
+    steps: int = 300
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    eval_every: int = 50
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        for name in ("steps", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        recipe(self.method, max(self.steps, 2), self.sparsity)
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """Size of the tiny GPT: width, blocks, heads and context length (characters)."""
+
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    context: int = 64
+
+
+@dataclass
+class RunResult:
+    """What one run measured. `curve` holds (step, metric) pairs; the metric is validation
+    loss for the GPT and test loss for digits."""
+
+    label: str
+    curve: list[tuple[int, float]]
+    final: float
+    sparsity: float
+    seconds: float
+    accuracy: float | None = None
+    info: dict = field(default_factory=dict)
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up over 5% of `steps`, then a cosine from `peak` down to 10% of it."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_at: Callable[[int], Tensor],
+    config: TrainConfig,
+    evaluate: Callable[[], float],
+    stepper: object | None = None,
+    period: int | None = None,
+) -> list[tuple[int, float]]:
+    """Train for `config.steps` steps and return the evaluation curve.
+
+    Args:
+        model: the model (put in train mode for steps, eval mode to evaluate).
+        optimizer: its optimizer; the learning rate is set every step.
+        loss_at: step -> the training loss of that step's batch.
+        config: steps, lr and evaluation interval.
+        evaluate: () -> the metric for the curve.
+        stepper: called with `.step()` after `optimizer.step()` (a Sparsifier).
+        period: restart the learning-rate schedule every `period` steps (IMP rounds).
+    """
+    curve = [(0, evaluate())]
+    period = period or config.steps
+    for step in range(config.steps):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step % period, period, config.lr)
+        loss_at(step).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if stepper is not None:
+            stepper.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            curve.append((step + 1, evaluate()))
+    return curve
+
+
+def make_sparsifier(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Recipe, seed: int,
+                    ignore: Sequence[str] | None = None) -> Sparsifier | None:
+    """The Sparsifier for a recipe (None for dense)."""
+    if plan.schedule is None:
+        return None
+    return Sparsifier(model, plan.schedule, pattern=plan.pattern, distribution=plan.distribution,
+                      ignore=ignore, optimizer=optimizer, seed=seed)
+
+
+def _period(plan: Recipe) -> int | None:
+    return plan.schedule.round_steps if isinstance(plan.schedule, Iterative) else None
+
+
+def _sparsity(sparsifier: Sparsifier | None) -> float:
+    if sparsifier is None:
+        return 0.0
+    pruned = sum(int((~layer.mask).sum()) for layer in sparsifier.layers)
+    return pruned / sum(layer.mask.numel() for layer in sparsifier.layers)
+
+
+# ---- digits ------------------------------------------------------------------------------
+
+
+def digits_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """sklearn's 8x8 digits scaled to [0, 1], split 80/20 by a fixed permutation.
+
+    Returns:
+        x_train (n, 64), y_train (n,), x_test, y_test.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    cut = len(y) * 4 // 5
+    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
+
+
+def run_digits(config: TrainConfig, model_kind: str = "cnn") -> RunResult:
+    """Train a digits CNN or MLP with SGD (momentum 0.9, Nesterov) under `config.method`.
+
+    Raises:
+        ValueError: unknown model kind or method.
+    """
+    if model_kind not in DIGITS_MODELS:
+        raise ValueError(f"unknown digits model {model_kind!r}; choose from {sorted(DIGITS_MODELS)}")
+    x_train, y_train, x_test, y_test = digits_data()
+    torch.manual_seed(config.seed)
+    model = DIGITS_MODELS[model_kind]()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                                weight_decay=config.weight_decay)
+    plan = recipe(config.method, config.steps, config.sparsity)
+    ignore = ["conv1"] if plan.pattern and ":" in plan.pattern else None  # 1 input channel cannot hold N:M
+    sparsifier = make_sparsifier(model, optimizer, plan, config.seed, ignore)
+    batches = torch.Generator().manual_seed(config.seed)
+
+    def loss_at(step: int) -> Tensor:
+        index = torch.randint(0, len(y_train), (config.batch_size,), generator=batches)
+        return F.cross_entropy(model(x_train[index]), y_train[index])
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        return F.cross_entropy(model(x_test), y_test).item()
+
+    started = time.perf_counter()
+    curve = train_loop(model, optimizer, loss_at, config, evaluate, sparsifier, _period(plan))
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(dim=1) == y_test).float().mean().item()
+    return RunResult(config.method, curve, curve[-1][1], _sparsity(sparsifier), time.perf_counter() - started, accuracy)
+
+
+# ---- Shakespeare by character ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CharCorpus:
+    """Character ids of the training plays and the held-out plays."""
+
+    vocab: str
+    train: Tensor
+    val: Tensor
+    source: str
+
+
+def _encode(text: str, vocab: str) -> Tensor:
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    table = np.frombuffer(vocab.encode("utf-32-le"), dtype=np.uint32)
+    return torch.from_numpy(np.searchsorted(table, codes).astype(np.int64))
+
+
+def char_corpus() -> CharCorpus:
+    """The bundled split of `sparsetorch.data.demo_text()` as character ids: the plays
+    held out there (Hamlet, Macbeth, Othello) are the validation text."""
+    from sparsetorch.data import demo_text
+
+    split = demo_text()
+    vocab = "".join(sorted(set(split.calibration) | set(split.evaluation)))
+    return CharCorpus(vocab, _encode(split.calibration, vocab), _encode(split.evaluation, vocab), split.source)
+
+
+def _windows(ids: Tensor, count: int, length: int) -> Tensor:
+    """`count` evenly spaced windows of `length` + 1 ids: (count, length + 1)."""
+    starts = torch.linspace(0, ids.numel() - length - 2, count).long()
+    return torch.stack([ids[s : s + length + 1] for s in starts.tolist()])
+
+
+def run_gpt(config: TrainConfig, shape: GPTShape = GPTShape(), corpus: CharCorpus | None = None,
+            eval_windows: int = 64, stepper_factory: Callable | None = None) -> RunResult:
+    """Train the tiny GPT on the training plays with AdamW; validation loss on held-out plays.
+
+    Args:
+        config: method, steps, seed, batch size, lr, weight decay.
+        shape: model size.
+        corpus: the encoded text (default: `char_corpus()`).
+        eval_windows: held-out windows of `shape.context` characters for the validation loss.
+        stepper_factory: (model, optimizer) -> an object with `step()`, replacing the
+            recipe's Sparsifier (the benchmark's torch.ao peer uses this).
+    """
+    corpus = corpus or char_corpus()
+    torch.manual_seed(config.seed)
+    model = TinyGPT(len(corpus.vocab), shape.width, shape.layers, shape.heads, shape.context)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    plan = recipe(config.method, config.steps, config.sparsity)
+    stepper = stepper_factory(model, optimizer) if stepper_factory else make_sparsifier(model, optimizer, plan, config.seed)
+    batches = torch.Generator().manual_seed(config.seed)
+    val = _windows(corpus.val, eval_windows, shape.context)
+
+    def loss_at(step: int) -> Tensor:
+        starts = torch.randint(0, corpus.train.numel() - shape.context - 1, (config.batch_size,), generator=batches)
+        chunk = torch.stack([corpus.train[s : s + shape.context + 1] for s in starts.tolist()])
+        with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            logits = model(chunk[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        losses = [F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten()).item() for w in val.split(16)]
+        return float(np.mean(losses))
+
+    started = time.perf_counter()
+    curve = train_loop(model, optimizer, loss_at, config, evaluate, stepper, _period(plan))
+    sparsity = _sparsity(stepper) if stepper is None or isinstance(stepper, Sparsifier) else float("nan")
+    return RunResult(config.method, curve, curve[-1][1], sparsity, time.perf_counter() - started, info={"stepper": stepper})
+
+
+def plot_curves(runs: dict[str, list[list[tuple[int, float]]]], path: str | Path, ylabel: str, title: str = "") -> Path:
+    """One line per label (the mean over its runs, with a min-max band), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, curves in runs.items():
+        steps = [step for step, _ in curves[0]]
+        values = np.array([[value for _, value in curve] for curve in curves])
+        ax.plot(steps, values.mean(axis=0), label=label)
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- the train-demo command --------------------------------------------------------------
+
+TASK_DEFAULTS: dict[str, dict] = {
+    "digits": {"steps": 300, "batch_size": 64, "lr": 0.05, "weight_decay": 5e-4, "eval_every": 50},
+    "gpt": {"steps": 200, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.05, "eval_every": 50},
+}
+
+
+def train_demo(task: str, methods: Sequence[str], *, sparsity: float = 0.9, steps: int | None = None, seed: int = 0,
+               model: str = "cnn", shape: GPTShape = GPTShape(width=128)) -> list[RunResult]:
+    """Train one model per method on the task's bundled data, same seed and batches for all.
+
+    Args:
+        task: 'digits' (sklearn digits, CNN or MLP) or 'gpt' (Shakespeare characters).
+        methods: recipe names, e.g. ['dense', 'rigl', 'srste'].
+        sparsity: global sparsity of the unstructured methods.
+        steps: optimizer steps (default: 300 for digits, 200 for gpt).
+        seed: one seed for every run.
+        model: 'cnn' or 'mlp' (digits).
+        shape: GPT size (gpt).
+
+    Raises:
+        ValueError: unknown task, model or method, or bad numbers.
+
+    Example:
+        >>> [r.accuracy for r in train_demo("digits", ["dense", "rigl"], steps=100)]
+    """
+    if task not in TASK_DEFAULTS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_DEFAULTS)}")
+    settings = dict(TASK_DEFAULTS[task], seed=seed, sparsity=sparsity)
+    if steps is not None:
+        settings["steps"] = steps
+    configs = [TrainConfig(method=method, **settings) for method in methods]  # validate every method first
+    corpus = char_corpus() if task == "gpt" else None
+    return [run_digits(config, model) if task == "digits" else run_gpt(config, shape, corpus) for config in configs]
+
+
+def results_table(results: Sequence[RunResult], metric: str) -> str:
+    """A markdown table: method, measured sparsity, final metric (and ratio to the first row), accuracy."""
+    base = results[0].final
+    lines = [f"| method | sparsity | {metric} | vs {results[0].label} | accuracy | seconds |", "|---|---|---|---|---|---|"]
+    for r in results:
+        accuracy = "–" if r.accuracy is None else f"{r.accuracy:.3f}"
+        lines.append(f"| {r.label} | {r.sparsity:.1%} | {r.final:.4f} | {r.final / base:.3f}× | {accuracy} | {r.seconds:.0f} |")
+    return "\n".join(lines)
