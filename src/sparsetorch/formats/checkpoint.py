@@ -187,22 +187,22 @@ class CompressedReader:
         return self._file.keys()
 
     def tensor(self, key: str) -> Tensor:
-        """The tensor `key`, decoded (read with plain file reads: nothing else of the file stays in memory).
+        """The tensor `key`, decoded. Read with plain file reads, and decoded as it streams in, so
+        nothing else of the file stays in memory.
 
         Raises:
             CorruptFileError: it cannot be read or decoded.
         """
-        try:
-            blob = self._file.tensor(key)
-        except (TensorFileError, OSError) as err:
-            raise CorruptFileError(f"{self.path}: tensor {key} is truncated or damaged ({err})") from None
-        if self._layout is None:
-            return blob
-        info = self._layout.get(key)
-        if info is None:
+        info = None if self._layout is None else self._layout.get(key)
+        if self._layout is not None and info is None:
             raise CorruptFileError(f"{self.path}: tensor {key} has no codec layout entry")
         try:
-            return codecs.decode(blob, codecs.dtype_from_name(info["dtype"]), tuple(info["shape"]))
+            if info is None:
+                return self._file.tensor(key)
+            return codecs.decode_stream(self._file.open_bytes(key), codecs.dtype_from_name(info["dtype"]),
+                                        tuple(info["shape"]))
+        except (TensorFileError, OSError) as err:
+            raise CorruptFileError(f"{self.path}: tensor {key} is truncated or damaged ({err})") from None
         except ValueError as err:
             raise CorruptFileError(f"{self.path}: tensor {key}: {err}") from None
 

@@ -11,6 +11,7 @@ Layout (safetensors): 8-byte little-endian header length N, N bytes of JSON head
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -74,6 +75,11 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def open_bytes(self, key: str) -> io.RawIOBase:
+        """A read-only file object over `key`'s bytes only, to stream them without loading them all."""
+        begin, end = self._entries[key]["data_offsets"]
+        return _Range(self._handle, self._data_start + begin, end - begin)
+
     def tensor(self, key: str) -> Tensor:
         """A fresh tensor holding `key`'s bytes."""
         entry = self._entries[key]
@@ -86,3 +92,24 @@ class TensorFile:
         if not buffer:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
+class _Range(io.RawIOBase):
+    """Bytes [start, start + length) of an open file, as a file object of their own."""
+
+    def __init__(self, handle: BinaryIO, start: int, length: int) -> None:
+        super().__init__()
+        self._handle, self._position, self._left = handle, start, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        size = min(len(buffer), self._left)
+        if size <= 0:
+            return 0
+        self._handle.seek(self._position)
+        got = self._handle.readinto(memoryview(buffer)[:size])
+        self._position += got
+        self._left -= got
+        return got

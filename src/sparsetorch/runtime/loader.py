@@ -8,6 +8,9 @@ read and decoded one at a time, so peak memory is the sparse model plus one laye
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from pathlib import Path
 
 import torch
@@ -50,6 +53,25 @@ def _computed_buffers(model: nn.Module) -> None:
             owners[owner_name] = owner
     for owner in owners.values():
         model._init_weights(owner)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _give_back_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc). Building a layer makes and drops temporaries of a
+    few MB between the tensors that stay; glibc would keep those pages, and resident memory would
+    grow by several times the model's size over a load."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _read_bitmask(reader: CompressedReader, prefix: str) -> BitmaskTensor:
@@ -127,4 +149,5 @@ def _sparse_layers(model: nn.Module, reader: CompressedReader, config: RuntimeCo
             used.add(bias_key)
             model.set_submodule(prefix, SparseLinear(weight, bias, config.backend))
         decisions.append(decision)
+        _give_back_free_memory()
     return decisions, state, used

@@ -164,6 +164,13 @@ ST_INLINE void bitmask_chunk(uint32_t bits, const float*& v, const float* x, int
   for (int j = 0; j < B; ++j) acc[j] = Simd::fma(wv, Full ? Simd::load(x + j * in + c) : load_x(x + j * in, in, c), acc[j]);
 }
 
+#ifndef ST_PREFETCH_BITS
+#define ST_PREFETCH_BITS 256
+#endif
+#ifndef ST_PREFETCH_VALUES
+#define ST_PREFETCH_VALUES 512
+#endif
+
 template <int B>
 void rows_kernel(const Bitmask& w, const float* x, const float* bias, float* y, int64_t out, int64_t r0, int64_t r1) {
   constexpr int64_t Block = 64;  // columns per 64-bit mask word
@@ -174,6 +181,10 @@ void rows_kernel(const Bitmask& w, const float* x, const float* bias, float* y, 
     const float* v = w.values + w.row_offsets[r];
     // Whole 64-column blocks: one mask load, then Block / W chunks with no bounds checks.
     row_sums<B>(blocks, [&](int64_t i, V* acc) ST_LAMBDA_INLINE {
+      // Where the next values start depends on the bits just read, so the core cannot run ahead
+      // to the values' cache misses by itself: prefetch both streams a few blocks ahead.
+      __builtin_prefetch(m + i * (Block / 8) + ST_PREFETCH_BITS);
+      __builtin_prefetch(v + ST_PREFETCH_VALUES);
       uint64_t word;
       std::memcpy(&word, m + i * (Block / 8), 8);
       for (int q = 0; q < Block / W; ++q) {
