@@ -11,14 +11,22 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_llama(vocab: int = 128, layers: int = 2, tie: bool = False):
+def tiny_llama(vocab: int = 128, layers: int = 2, tie: bool = False, intermediate: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def nm_weight(rows: int, cols: int, n: int, m: int) -> torch.Tensor:
+    """A random (rows, cols) weight keeping the n largest of every m along the input dimension."""
+    dense = torch.randn(rows, cols)
+    groups = dense.view(rows, -1, m)
+    keep = groups.abs().topk(n, dim=-1).indices
+    return torch.zeros_like(groups).scatter(-1, keep, groups.gather(-1, keep)).view(rows, cols)
 
 
 def calibration_ids(vocab: int = 128, windows: int = 8, tokens: int = 32, seed: int = 1) -> torch.Tensor:

@@ -70,6 +70,19 @@ def test_codec_detects_damage():
         codec.decode(blob, torch.float32, (1000,))
 
 
+def test_codec_streams_from_a_file_and_checks_the_length(tmp_path):
+    tensor = torch.randn(300, 7)
+    path = tmp_path / "blob"
+    path.write_bytes(codec.encode(tensor).numpy().tobytes())
+    with open(path, "rb") as source:
+        assert torch.equal(codec.decode_stream(source, torch.float32, (300, 7)), tensor)
+    with pytest.raises(ValueError, match="holds 8400 bytes, expected 9600"), open(path, "rb") as source:
+        codec.decode_stream(source, torch.float32, (400, 6))
+    with pytest.raises(ValueError, match="holds more than"), open(path, "rb") as source:
+        codec.decode_stream(source, torch.float32, (300, 6))
+    assert codec.decode(codec.encode(torch.zeros(0)), torch.float32, (0,)).shape == (0,)
+
+
 def _same_bits(a, b):
     return a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 

@@ -1,4 +1,4 @@
-"""The `sparsetorch` command line: prune, eval, inspect and demo.
+"""The `sparsetorch` command line: prune, eval, bench, inspect and demo.
 
 Every command works offline on the bundled SmolLM2-135M and Shakespeare text by
 default, and on any local Hugging Face model directory.
@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   sparsetorch prune --method sparsegpt --pattern 2:4 --out smollm2-24
   sparsetorch prune ./my-llama --method wanda --sparsity 0.6 --out my-llama-60
   sparsetorch eval smollm2-24 --compare
+  sparsetorch eval smollm2-24 --sparse-runtime
+  sparsetorch bench smollm2-24
   sparsetorch inspect smollm2-24
   sparsetorch export smollm2-24 --out smollm2-24-ct    # compressed-tensors 0.14 layout
   sparsetorch demo
@@ -77,6 +79,18 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
                           "compressed-tensors 0.14 layout (default: zstd)")
 
 
+def _add_runtime_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    from sparsetorch.runtime.config import POLICIES
+
+    group = parser.add_argument_group("sparse runtime")
+    policies = "; ".join(f"{name}: {text}" for name, text in POLICIES.items())
+    group.add_argument("--sparse-runtime", nargs="?", const="measure", default=default, choices=list(POLICIES),
+                       help=f"run the compressed weights with sparse kernels ({policies}). "
+                            f"Default: {default or 'off'}; the bare flag means 'measure'")
+    group.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
+                       help="batch rows the sparse kernels must win at, e.g. 1 256 (default: 1, decode)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsetorch",
@@ -101,8 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", nargs="?", help="model directory (default: the bundled model)")
     evaluate.add_argument("--compressed", action="store_true", help="load the compressed weights of a pruned directory")
     evaluate.add_argument("--compare", action="store_true", help="also evaluate the model it was pruned from")
+    _add_runtime_options(evaluate, default=None)
     _add_data_options(evaluate, calibration=False, evaluation=True)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    bench = sub.add_parser("bench", help="prefill and decode speed, peak RSS and size: dense vs sparse runtime",
+                           description="Run a pruned directory dense and through the sparse runtime, each in its own "
+                                       "process, alternating; print medians and sparse/dense ratios.")
+    bench.add_argument("model", help="a directory written by `sparsetorch prune`")
+    bench.add_argument("--prefill-tokens", type=int, default=256, help="prompt tokens of the prefill test (default: 256)")
+    bench.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens of the decode test (default: 128)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats per process (default: 3)")
+    bench.add_argument("--rounds", type=int, default=2, help="processes per variant, alternating (default: 2)")
+    _add_runtime_options(bench, default="measure")
+    bench.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
 
     inspect = sub.add_parser("inspect", help="per-layer sparsity table and heatmap",
                              description="Print per-layer sparsity and save a heatmap PNG.")
@@ -158,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsetorch.formats.checkpoint import CorruptFileError
 
     handlers = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export,
-                "demo": _cmd_demo, "train-demo": _cmd_train_demo}
+                "bench": _cmd_bench, "demo": _cmd_demo, "train-demo": _cmd_train_demo}
     if getattr(args, "quiet", False):
         _silence_transformers()
     try:
@@ -304,10 +330,10 @@ def _cmd_eval(args) -> int:
     from sparsetorch.formats.pruned import load_pruned, read_sparsity
     from sparsetorch.models import load_model
 
-    if args.compressed:
+    if args.compressed or args.sparse_runtime:
         if args.model is None:
-            raise UserError("--compressed needs the directory of a pruned model")
-        model = load_pruned(args.model, compressed=True)
+            raise UserError("--compressed and --sparse-runtime need the directory of a pruned model")
+        model = _load_sparse(args) if args.sparse_runtime else load_pruned(args.model, compressed=True)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(Path(args.model))
@@ -323,6 +349,34 @@ def _cmd_eval(args) -> int:
         base_ppl = perplexity(base, windows, progress=not args.quiet)
         print(f"perplexity {base_ppl:.3f}  (dense source {record['source_model']}); "
               f"sparse/dense = {ppl / base_ppl:.3f}x at sparsity {record['sparsity']:.2%}")
+    return 0
+
+
+def _runtime_config(args):
+    from sparsetorch.runtime.config import RuntimeConfig
+
+    return RuntimeConfig(batch_sizes=tuple(args.batch_sizes), policy=args.sparse_runtime)
+
+
+def _load_sparse(args):
+    from sparsetorch.runtime import load_sparse_model
+
+    model, report = load_sparse_model(args.model, _runtime_config(args))
+    print(f"sparse runtime: {report.summary()}")
+    return model
+
+
+def _cmd_bench(args) -> int:
+    from sparsetorch.evaluate.bench import BenchConfig, run_bench
+
+    config = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
+                         rounds=args.rounds, runtime=_runtime_config(args))
+    result = run_bench(args.model, config)
+    print(result.table())
+    print(f"greedy tokens identical to the dense model: {'yes' if result.same_tokens else 'NO'}")
+    print(f"sparse runtime: {result.sparse.runs[0].get('summary', '')}")
+    if args.json:
+        args.json.write_text(json.dumps({"dense": result.dense.runs, "sparse": result.sparse.runs}, indent=2))
     return 0
 
 

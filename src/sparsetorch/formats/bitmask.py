@@ -19,14 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparsetorch.formats.base import CorruptTensorError, SparseWeight, shape_tensor, shape_tuple
+from sparsetorch.formats.registry import register_format
+
 __all__ = ["BITMASK_KEYS", "BitmaskTensor", "CorruptTensorError", "pack_bits", "unpack_bits"]
 
 BITMASK_KEYS: tuple[str, ...] = ("shape", "compressed", "bitmask", "row_offsets")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-class CorruptTensorError(ValueError):
-    """A compressed tensor whose parts do not agree: the file is damaged or was edited."""
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -43,8 +42,9 @@ def unpack_bits(packed: Tensor, cols: int) -> Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :cols]
 
 
+@register_format("bitmask")
 @dataclass(frozen=True)
-class BitmaskTensor:
+class BitmaskTensor(SparseWeight):
     """One weight in sparse-bitmask form.
 
     Example:
@@ -53,70 +53,62 @@ class BitmaskTensor:
         (tensor([2., 3.]), tensor([[0., 2.], [3., 0.]]))
     """
 
+    PARTS = BITMASK_KEYS
+
     shape: tuple[int, int]
     values: Tensor
     bitmask: Tensor
     row_offsets: Tensor
 
     @classmethod
-    def from_dense(cls, dense: Tensor) -> BitmaskTensor:
-        if dense.dim() != 2:
-            raise ValueError(f"sparse-bitmask stores 2-D weights, got shape {tuple(dense.shape)}")
-        dense = dense.detach().cpu().contiguous()
-        nonzero = dense != 0
-        row_counts = nonzero.sum(dim=1)
+    def from_mask(cls, mask: Tensor, values: Tensor) -> BitmaskTensor:
+        """Build from a (rows, cols) bool mask and its values in row-major order."""
+        row_counts = mask.sum(dim=1)
         return cls(
-            shape=(dense.shape[0], dense.shape[1]),
-            values=dense[nonzero],
-            bitmask=pack_bits(nonzero),
+            shape=(mask.shape[0], mask.shape[1]),
+            values=values,
+            bitmask=pack_bits(mask),
             row_offsets=torch.cumsum(row_counts, 0) - row_counts,
         )
 
+    def mask(self) -> Tensor:
+        """(rows, cols) bool: where the stored values go."""
+        return unpack_bits(self.bitmask, self.shape[1])
+
     def to_dense(self) -> Tensor:
         dense = torch.zeros(self.shape, dtype=self.values.dtype)
-        dense[unpack_bits(self.bitmask, self.shape[1])] = self.values
+        dense[self.mask()] = self.values
         return dense
 
-    @property
-    def nbytes(self) -> int:
-        parts = (self.values, self.bitmask, self.row_offsets)
-        return sum(t.numel() * t.element_size() for t in parts) + 16
+    def dense_rows(self, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of the dense weight, without expanding the others."""
+        rows = torch.zeros(stop - start, self.shape[1], dtype=self.values.dtype, device=self.values.device)
+        first = int(self.row_offsets[start]) if start < self.shape[0] else self.values.numel()
+        last = int(self.row_offsets[stop]) if stop < self.shape[0] else self.values.numel()
+        rows[unpack_bits(self.bitmask[start:stop], self.shape[1])] = self.values[first:last]
+        return rows
 
-    def state_dict(self, prefix: str) -> dict[str, Tensor]:
-        """The four tensors under compressed-tensors' names (`prefix` without `.weight`)."""
-        return {
-            f"{prefix}.shape": torch.tensor(self.shape, dtype=torch.int64),
-            f"{prefix}.compressed": self.values,
-            f"{prefix}.bitmask": self.bitmask,
-            f"{prefix}.row_offsets": self.row_offsets,
-        }
+    def parts(self) -> dict[str, Tensor]:
+        """The four tensors under compressed-tensors' names."""
+        return {"shape": shape_tensor(self.shape), "compressed": self.values, "bitmask": self.bitmask,
+                "row_offsets": self.row_offsets}
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, Tensor], prefix: str) -> BitmaskTensor:
-        """Read and check the four tensors of `prefix`.
+    def from_parts(cls, parts: dict[str, Tensor], name: str = "weight", check: bool = True) -> BitmaskTensor:
+        """Build from `parts()` and check them (bit count vs number of values, row offsets, padding bits).
 
         Raises:
-            CorruptTensorError: a part is missing, or the parts disagree (bit count vs
-                number of values, row offsets, padding bits), naming the tensor.
+            CorruptTensorError: the parts disagree, naming the tensor.
         """
-        missing = [key for key in BITMASK_KEYS if f"{prefix}.{key}" not in tensors]
-        if missing:
-            raise CorruptTensorError(f"{prefix}: missing {missing} of the sparse-bitmask tensors")
-        shape = tuple(int(v) for v in tensors[f"{prefix}.shape"].tolist())
-        result = cls(
-            shape=shape,  # type: ignore[arg-type]
-            values=tensors[f"{prefix}.compressed"],
-            bitmask=tensors[f"{prefix}.bitmask"],
-            row_offsets=tensors[f"{prefix}.row_offsets"],
-        )
-        result.check(prefix)
+        result = cls(shape=shape_tuple(parts["shape"], name), values=parts["compressed"], bitmask=parts["bitmask"],
+                     row_offsets=parts["row_offsets"])
+        if check:
+            result.check(name)
         return result
 
     def check(self, name: str) -> None:
         """Raise CorruptTensorError unless every part agrees with the others."""
-        rows, cols = self.shape if len(self.shape) == 2 else (-1, -1)
-        if rows < 0 or cols < 0:
-            raise CorruptTensorError(f"{name}: shape {list(self.shape)} is not a 2-D weight shape")
+        rows, cols = self.shape
         if self.bitmask.dtype != torch.uint8 or tuple(self.bitmask.shape) != (rows, (cols + 7) // 8):
             raise CorruptTensorError(
                 f"{name}: bitmask is {self.bitmask.dtype} {tuple(self.bitmask.shape)}, "

@@ -25,18 +25,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from sparsetorch.formats import codec as codecs
 from sparsetorch.formats.bitmask import BitmaskTensor, CorruptTensorError
+from sparsetorch.formats.tensorfile import TensorFile, TensorFileError
 
 __all__ = [
     "COMPRESSED_DIR",
+    "CompressedReader",
     "CorruptFileError",
     "atomic_directory",
     "load_compressed_model",
+    "open_compressed",
     "read_compressed_state_dict",
     "write_compressed",
 ]
@@ -175,30 +177,60 @@ def _verify_checksums(directory: Path) -> dict:
     return manifest
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise CorruptFileError(f"{path} is truncated or not a safetensors file ({err})") from None
-    return tensors, metadata
+class CompressedReader:
+    """The tensors of a compressed weights file, read and decoded one at a time (see `open_compressed`)."""
 
+    def __init__(self, file: TensorFile, path: Path, layout: dict | None, tied: dict[str, str]) -> None:
+        self._file, self.path, self._layout, self.tied = file, path, layout, tied
 
-def _decode_all(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> dict[str, Tensor]:
-    if _CODEC_KEY not in metadata:
-        return tensors
-    layout = json.loads(metadata[_CODEC_KEY])["tensors"]
-    decoded = {}
-    for name, blob in tensors.items():
-        info = layout.get(name)
-        if info is None:
-            raise CorruptFileError(f"{path}: tensor {name} has no codec layout entry")
+    def keys(self) -> list[str]:
+        return self._file.keys()
+
+    def tensor(self, key: str) -> Tensor:
+        """The tensor `key`, decoded. Read with plain file reads, and decoded as it streams in, so
+        nothing else of the file stays in memory.
+
+        Raises:
+            CorruptFileError: it cannot be read or decoded.
+        """
+        info = None if self._layout is None else self._layout.get(key)
+        if self._layout is not None and info is None:
+            raise CorruptFileError(f"{self.path}: tensor {key} has no codec layout entry")
         try:
-            decoded[name] = codecs.decode(blob, codecs.dtype_from_name(info["dtype"]), tuple(info["shape"]))
+            if info is None:
+                return self._file.tensor(key)
+            return codecs.decode_stream(self._file.open_bytes(key), codecs.dtype_from_name(info["dtype"]),
+                                        tuple(info["shape"]))
+        except (TensorFileError, OSError) as err:
+            raise CorruptFileError(f"{self.path}: tensor {key} is truncated or damaged ({err})") from None
         except ValueError as err:
-            raise CorruptFileError(f"{path}: tensor {name}: {err}") from None
-    return decoded
+            raise CorruptFileError(f"{self.path}: tensor {key}: {err}") from None
+
+
+@contextmanager
+def open_compressed(directory: Path) -> Iterator[CompressedReader]:
+    """Verify a compressed directory's checksums, then read its tensors lazily.
+
+    Raises:
+        FileNotFoundError: no weights file.
+        CorruptFileError: checksum mismatch or a file that is not safetensors.
+
+    Example:
+        >>> with open_compressed("pruned/x/compressed") as reader:
+        ...     values = reader.tensor("model.layers.0.mlp.up_proj.compressed")
+    """
+    directory = Path(directory)
+    path = directory / WEIGHTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} holds no {WEIGHTS_FILE}")
+    manifest = _verify_checksums(directory)
+    with open(path, "rb") as handle:
+        try:
+            file = TensorFile(handle)
+        except TensorFileError as err:
+            raise CorruptFileError(f"{path} is truncated or not a safetensors file ({err})") from None
+        layout = json.loads(file.metadata[_CODEC_KEY])["tensors"] if _CODEC_KEY in file.metadata else None
+        yield CompressedReader(file, path, layout, manifest.get("tied", {}))
 
 
 def read_compressed_state_dict(directory: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -211,13 +243,9 @@ def read_compressed_state_dict(directory: Path) -> tuple[dict[str, Tensor], dict
         FileNotFoundError: no weights file.
         CorruptFileError: checksum mismatch, truncated file, or inconsistent tensors.
     """
-    directory = Path(directory)
-    path = directory / WEIGHTS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} holds no {WEIGHTS_FILE}")
-    manifest = _verify_checksums(directory)
-    tensors, metadata = _read_tensors(path)
-    tensors = _decode_all(tensors, metadata, path)
+    with open_compressed(directory) as reader:
+        tensors = {key: reader.tensor(key) for key in reader.keys()}
+        path, tied = reader.path, reader.tied
     prefixes = [key.removesuffix(".bitmask") for key in tensors if key.endswith(".bitmask")]
     state = {}
     try:
@@ -227,7 +255,7 @@ def read_compressed_state_dict(directory: Path) -> tuple[dict[str, Tensor], dict
         raise CorruptFileError(f"{path}: {err}") from None
     packed = {f"{p}.{k}" for p in prefixes for k in ("shape", "compressed", "bitmask", "row_offsets")}
     state.update({key: value for key, value in tensors.items() if key not in packed})
-    return state, manifest.get("tied", {})
+    return state, tied
 
 
 def load_compressed_model(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:

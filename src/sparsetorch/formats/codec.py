@@ -9,10 +9,13 @@ gives back the exact bits; zstd's frame checksum catches a damaged blob.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CODECS", "decode", "dtype_from_name", "encode"]
+__all__ = ["CODECS", "decode", "decode_stream", "dtype_from_name", "encode"]
 
 CODECS: tuple[str, ...] = ("zstd", "none")
 _ZSTD_LEVEL = 3
@@ -48,16 +51,41 @@ def decode(blob: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
     Raises:
         ValueError: the blob is damaged (checksum) or does not hold `shape` values of `dtype`.
     """
+    return decode_stream(blob.numpy(), dtype, shape)
+
+
+def _fill(reader, buffer: memoryview) -> int:
+    filled = 0
+    while filled < len(buffer):
+        got = reader.readinto(buffer[filled:])
+        if not got:
+            break
+        filled += got
+    return filled
+
+
+def decode_stream(source, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of `encode`, reading the zstd data from `source` (a file-like object or a buffer) one
+    byte plane at a time, so memory holds the result and one plane, never the whole encoded blob.
+
+    Raises:
+        ValueError: the data is damaged (checksum) or does not hold `shape` values of `dtype`.
+    """
     zstandard = _zstd()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = math.prod(shape)
+    values = torch.empty(count, itemsize, dtype=torch.uint8)  # (values, bytes): plane k is column k
+    plane = np.empty(count, dtype=np.uint8)
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob.numpy().tobytes())
+        reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=False)
+        for k in range(itemsize):
+            filled = _fill(reader, memoryview(plane))
+            if filled != count:
+                raise ValueError(f"zstd data holds {k * count + filled} bytes, expected {count * itemsize} "
+                                 f"for {dtype} {list(shape)}")
+            values[:, k] = torch.from_numpy(plane)
+        if reader.read(1):  # also where zstd checks the frame's checksum
+            raise ValueError(f"zstd data holds more than the {count * itemsize} bytes of {dtype} {list(shape)}")
     except zstandard.ZstdError as err:
         raise ValueError(f"damaged zstd data ({err})") from None
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    count = 1
-    for size in shape:
-        count *= size
-    if len(raw) != count * itemsize:
-        raise ValueError(f"zstd data holds {len(raw)} bytes, expected {count * itemsize} for {dtype} {list(shape)}")
-    planes = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(itemsize, count)
-    return planes.t().contiguous().view(dtype).reshape(shape)
+    return values.view(dtype).reshape(shape)

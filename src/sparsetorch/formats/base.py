@@ -1,0 +1,92 @@
+"""What every sparse weight format shares: named parts, prefixed state dicts, size.
+
+A format subclasses `SparseWeight`, lists its tensors in `PARTS`, and implements `parts()`
+and `from_parts(parts, name)` (which checks that the parts agree); state dicts, loading
+with a clear error for missing tensors, and byte counts come from here.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["CorruptTensorError", "SparseWeight", "shape_tensor", "shape_tuple"]
+
+
+class CorruptTensorError(ValueError):
+    """A compressed tensor whose parts do not agree: the file is damaged or was edited."""
+
+
+def shape_tensor(shape: tuple[int, int]) -> Tensor:
+    return torch.tensor(shape, dtype=torch.int64)
+
+
+def shape_tuple(shape: Tensor, name: str) -> tuple[int, int]:
+    """A stored `.shape` part as (rows, cols), checked."""
+    values = tuple(int(v) for v in shape.tolist())
+    if len(values) != 2 or min(values) < 0:
+        raise CorruptTensorError(f"{name}: shape {list(values)} is not a 2-D weight shape")
+    return values  # type: ignore[return-value]
+
+
+class SparseWeight:
+    """Mixin for the frozen dataclasses of `sparsetorch.formats` (see `formats.registry`)."""
+
+    FORMAT: ClassVar[str]
+    PARTS: ClassVar[tuple[str, ...]]
+    shape: tuple[int, int]
+    values: Tensor
+
+    @classmethod
+    def from_dense(cls, dense: Tensor, *layout):
+        """Compress a 2-D weight with zeros; `layout` is what the format needs besides (N:M: n, m).
+
+        Raises:
+            ValueError: not 2-D, or the weight does not fit the format.
+        """
+        if dense.dim() != 2:
+            raise ValueError(f"{cls.FORMAT} stores 2-D weights, got shape {tuple(dense.shape)}")
+        dense = dense.detach().cpu().contiguous()
+        nonzero = dense != 0
+        return cls.from_mask(nonzero, dense[nonzero], *layout)
+
+    @classmethod
+    def from_mask(cls, mask: Tensor, values: Tensor, *layout):
+        """Build from a (rows, cols) bool mask and its values in row-major order (what a bitmask stores)."""
+        raise NotImplementedError
+
+    def parts(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, Tensor], name: str = "weight", check: bool = True):
+        raise NotImplementedError
+
+    def state_dict(self, prefix: str) -> dict[str, Tensor]:
+        """The parts under `<prefix>.<part>` (`prefix` is the module name, without `.weight`)."""
+        return {f"{prefix}.{key}": tensor for key, tensor in self.parts().items()}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, Tensor], prefix: str):
+        """Read and check the parts stored under `prefix`.
+
+        Raises:
+            CorruptTensorError: a part is missing or the parts disagree, naming the tensor.
+        """
+        missing = [key for key in cls.PARTS if f"{prefix}.{key}" not in tensors]
+        if missing:
+            raise CorruptTensorError(f"{prefix}: missing {missing} of the {cls.FORMAT} tensors")
+        return cls.from_parts({key: tensors[f"{prefix}.{key}"] for key in cls.PARTS}, prefix)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all parts."""
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+    @property
+    def density(self) -> float:
+        """Stored values per dense weight (kept zeros included, as in N:M groups)."""
+        rows, cols = self.shape
+        return self.values.numel() / max(rows * cols, 1)

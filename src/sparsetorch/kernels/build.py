@@ -1,0 +1,107 @@
+"""Build the C++ kernels on first use, once per ISA, into the user cache.
+
+Each ISA gets its own module, compiled from the same sources in `csrc/` with that ISA's
+explicit flags (`cpu_features.ISA_FLAGS`, never `-march=native`) and a name that carries the
+hash of the sources, the flags and the torch version, so a stale build is never loaded. An
+exclusive file lock keeps two processes from building the same module at once. Without a
+working compiler the build fails once, with a warning, and the pure-PyTorch kernels serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from sparsetorch.data import cache_dir
+from sparsetorch.kernels.cpu_features import ISA_FLAGS, supported_isas
+
+__all__ = ["CSRC", "build_dir", "load_isa", "module_name"]
+
+CSRC = Path(__file__).parent / "csrc"
+_COMMON_FLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-Wall")
+_DEFINE = {"avx512": "-DST_ISA_AVX512", "avx2": "-DST_ISA_AVX2", "scalar": "-DST_ISA_SCALAR"}
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+
+
+def module_name(isa: str) -> str:
+    """`sparsetorch_<isa>_<hash>`: the hash covers the sources, flags and torch version."""
+    digest = hashlib.sha256()
+    for path in _sources():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(" ".join((*_COMMON_FLAGS, *ISA_FLAGS[isa], torch.__version__)).encode())
+    return f"sparsetorch_{isa}_{digest.hexdigest()[:12]}"
+
+
+def build_dir(isa: str) -> Path:
+    return cache_dir() / "kernels" / module_name(isa)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (released by the OS even if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, a concurrent build may simply repeat the work
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compile(isa: str, name: str, directory: Path) -> None:
+    from torch.utils.cpp_extension import load
+
+    directory.mkdir(parents=True, exist_ok=True)
+    flags = [*_COMMON_FLAGS, *ISA_FLAGS[isa], _DEFINE[isa], f"-DST_NAMESPACE={name}"]
+    load(name=name, sources=[str(CSRC / "ops.cpp")], extra_cflags=flags, build_directory=str(directory),
+         is_python_module=False, verbose=bool(os.environ.get("SPARSETORCH_VERBOSE_BUILD")))
+
+
+@functools.cache
+def load_isa(isa: str):
+    """The torch.ops namespace of the kernels built for `isa`, building them on first use.
+
+    Returns:
+        `torch.ops.<module_name(isa)>` with `csr16_linear`, `bitmask_linear`, `nm24_linear`
+        and `isa`; or None (after one warning) when this CPU lacks the ISA or no compiler works.
+
+    Example:
+        >>> ops = load_isa("avx2")
+        >>> y = ops.nm24_linear(x, values, indices, None, in_features, 9)
+    """
+    if isa not in supported_isas():
+        return None
+    name = module_name(isa)
+    directory = build_dir(isa)
+    library = directory / f"{name}.so"
+    try:
+        if not library.exists():
+            with _exclusive(directory.parent / f"{name}.lock"):
+                if not library.exists():
+                    _compile(isa, name, directory)
+        if not hasattr(getattr(torch.ops, name), "isa"):
+            torch.ops.load_library(str(library))
+    except Exception as err:  # no compiler, no ninja, a failed build: all mean "use the fallback"
+        warnings.warn(
+            f"sparsetorch could not build its {isa} C++ kernels ({type(err).__name__}: {str(err)[:300]}); "
+            "sparse layers use the slower pure-PyTorch kernels. Install g++ and ninja to get the fast ones.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return getattr(torch.ops, name)

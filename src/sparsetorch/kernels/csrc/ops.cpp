@@ -1,0 +1,167 @@
+// Torch operators over the kernels of kernels.h, for the one ISA this module is compiled for.
+//
+// Built by sparsetorch/kernels/build.py once per ISA, with that ISA's flags (never -march=native)
+// and ST_NAMESPACE set to a name unique to the ISA and the source hash; Python loads the module
+// only on a CPU that has the ISA. Threads: at::parallel_for, i.e. torch's own thread pool.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string>
+
+#if defined(ST_ISA_AVX512)
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__FMA__)
+#error "the avx512 module needs -mavx512f -mavx512bw -mavx512vl -mfma"
+#endif
+#include "simd_avx512.h"
+#elif defined(ST_ISA_AVX2)
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "the avx2 module needs -mavx2 -mfma"
+#endif
+#include "simd_avx2.h"
+#else
+#include "simd_scalar.h"
+#endif
+#include "kernels.h"
+
+namespace {
+
+constexpr int64_t kRowsGrain = 16;  // weight rows per task: enough work to pay for a thread hand-off
+
+void check_input(const at::Tensor& x, int64_t in, const c10::optional<at::Tensor>& bias, int64_t out) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous 2-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(x.size(1) == in, "x has ", x.size(1), " features, the weight expects ", in);
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
+                "bias must be a contiguous float32 tensor of ", out, " values");
+  }
+}
+
+template <class Format, int B>
+void run_rows(const Format& w, const float* x, const float* bias, float* y, int64_t out) {
+  at::parallel_for(0, out, kRowsGrain, [&](int64_t r0, int64_t r1) {
+    if constexpr (st::Simd::vector) {
+      st::rows_kernel<B>(w, x, bias, y, out, r0, r1);
+    } else {
+      st::scalar_rows_kernel<B>(w, x, bias, y, out, r0, r1);
+    }
+  });
+}
+
+// Outer regime with tiles of NV vectors (T = NV * W batch rows).
+template <int NV, class Format>
+void run_outer(const Format& w, const at::Tensor& x, const float* bias, float* y, int64_t out) {
+  constexpr int64_t T = NV * st::W;
+  const int64_t batch = x.size(0), in = x.size(1), tiles = (batch + T - 1) / T;
+  at::Tensor xt = at::empty({tiles, in, T}, x.options());
+  const float* px = x.const_data_ptr<float>();
+  float* pxt = xt.data_ptr<float>();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n = std::min<int64_t>(T, batch - t * T);
+    at::parallel_for(0, in, 256, [&](int64_t c0, int64_t c1) {
+      st::transpose_tile<T>(px, in, t * T, n, pxt + t * in * T, c0, c1);
+    });
+  }
+  at::parallel_for(0, out, kRowsGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t n = std::min<int64_t>(T, batch - t * T);
+      st::outer_kernel<NV>(w, pxt + t * in * T, t * T, n, bias, y, out, r0, r1);
+    }
+  });
+}
+
+// Rows regime below `outer_from` batch rows (at most 8), outer regime from there on.
+template <class Format>
+at::Tensor run(const Format& w, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t out,
+               int64_t outer_from) {
+  check_input(x, w.in, bias, out);
+  const int64_t batch = x.size(0);
+  at::Tensor y = at::empty({batch, out}, x.options());
+  const float* px = x.const_data_ptr<float>();
+  const float* pb = bias ? bias->const_data_ptr<float>() : nullptr;
+  float* py = y.data_ptr<float>();
+  if (batch == 0) return y;
+  if (batch >= std::min<int64_t>(outer_from, 9)) {  // tiles as wide as the batch, at most 4 vectors (measured)
+    if (batch <= st::W) {
+      run_outer<1>(w, x, pb, py, out);
+    } else if (batch <= 2 * st::W) {
+      run_outer<2>(w, x, pb, py, out);
+    } else {
+      run_outer<4>(w, x, pb, py, out);
+    }
+    return y;
+  }
+  switch (batch) {
+    case 1: run_rows<Format, 1>(w, px, pb, py, out); break;
+    case 2: run_rows<Format, 2>(w, px, pb, py, out); break;
+    case 3: run_rows<Format, 3>(w, px, pb, py, out); break;
+    case 4: run_rows<Format, 4>(w, px, pb, py, out); break;
+    case 5: run_rows<Format, 5>(w, px, pb, py, out); break;
+    case 6: run_rows<Format, 6>(w, px, pb, py, out); break;
+    case 7: run_rows<Format, 7>(w, px, pb, py, out); break;
+    default: run_rows<Format, 8>(w, px, pb, py, out); break;
+  }
+  return y;
+}
+
+void check_part(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* what) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(), what, " must be a contiguous ",
+              dtype, " CPU tensor");
+  TORCH_CHECK(t.numel() >= numel, what, " holds ", t.numel(), " entries, expected at least ", numel);
+}
+
+at::Tensor csr16_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& cols,
+                        const at::Tensor& row_ptr, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                        int64_t outer_from) {
+  const int64_t out = row_ptr.numel() - 1;
+  check_part(row_ptr, at::kLong, out + 1, "row_ptr");
+  const int64_t nnz = row_ptr.const_data_ptr<int64_t>()[out];
+  check_part(values, at::kFloat, nnz, "values");
+  check_part(cols, at::kUInt16, nnz, "cols");
+  TORCH_CHECK(in_features <= 65536, "csr16 stores columns in 16 bits: in_features must be <= 65536");
+  st::Csr16 w{values.const_data_ptr<float>(), cols.const_data_ptr<uint16_t>(), row_ptr.const_data_ptr<int64_t>(),
+              in_features};
+  return run(w, x, bias, out, outer_from);
+}
+
+at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                          const at::Tensor& row_offsets, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                          int64_t outer_from) {
+  const int64_t out = row_offsets.numel();
+  check_part(row_offsets, at::kLong, out, "row_offsets");
+  check_part(bitmask, at::kByte, out * ((in_features + 7) / 8), "bitmask");
+  check_part(values, at::kFloat, 0, "values");
+  st::Bitmask w{values.const_data_ptr<float>(), bitmask.const_data_ptr<uint8_t>(),
+                row_offsets.const_data_ptr<int64_t>(), in_features};
+  return run(w, x, bias, out, outer_from);
+}
+
+at::Tensor nm24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                       const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t outer_from) {
+  TORCH_CHECK(in_features % 4 == 0, "2:4 needs in_features divisible by 4, got ", in_features);
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == in_features / 2, "values must be (out, in / 2)");
+  const int64_t out = values.size(0);
+  check_part(values, at::kFloat, out * in_features / 2, "values");
+  check_part(indices, at::kByte, out * ((in_features + 7) / 8), "indices");
+  st::Nm24 w{values.const_data_ptr<float>(), indices.const_data_ptr<uint8_t>(), in_features};
+  return run(w, x, bias, out, outer_from);
+}
+
+std::string isa() { return st::Simd::name; }
+
+}  // namespace
+
+#define ST_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+ST_LIBRARY(ST_NAMESPACE, m) {
+  m.def("isa() -> str", &isa);
+  m.def("csr16_linear(Tensor x, Tensor values, Tensor cols, Tensor row_ptr, Tensor? bias, int in_features, "
+        "int outer_from) -> Tensor",
+        &csr16_linear);
+  m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, Tensor? bias, int in_features, "
+        "int outer_from) -> Tensor",
+        &bitmask_linear);
+  m.def("nm24_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int in_features, int outer_from) -> Tensor",
+        &nm24_linear);
+}

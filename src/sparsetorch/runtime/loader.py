@@ -1,0 +1,153 @@
+"""Build a pruned model straight from its compressed directory, sparse layers never dense.
+
+The model skeleton is created on the meta device (no memory, no values); each stored sparse-bitmask weight
+is read, checked, and turned into the SparseLinear that `decide_layer` picks, or (where dense
+measured faster, or the layer is too dense) into that one layer's dense weight. Tensors are
+read and decoded one at a time, so peak memory is the sparse model plus one layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sparsetorch.formats.base import CorruptTensorError
+from sparsetorch.formats.bitmask import BITMASK_KEYS, BitmaskTensor
+from sparsetorch.formats.checkpoint import COMPRESSED_DIR, CompressedReader, CorruptFileError, open_compressed
+from sparsetorch.nn import SparseLinear
+from sparsetorch.runtime.config import RuntimeConfig
+from sparsetorch.runtime.decide import TimingCache, decide_layer
+from sparsetorch.runtime.report import CompileReport
+from sparsetorch.runtime.timing import MedianTimer, Timer
+
+__all__ = ["load_sparse_model"]
+
+
+def _skeleton(directory: Path) -> nn.Module:
+    """The model of `directory/config.json`, every tensor on the meta device (no memory, no values)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _computed_buffers(model: nn.Module) -> None:
+    """Give real values to buffers no file stores (rotary frequencies), as transformers does: an
+    empty CPU tensor, then the model's own `_init_weights` on the parameter-free module owning it."""
+    owners = {}
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            if next(owner.parameters(recurse=False), None) is not None or not hasattr(model, "_init_weights"):
+                raise NotImplementedError(f"sparsetorch cannot compute buffer {name}; load this model with load_pruned")
+            setattr(owner, leaf, torch.empty_like(buffer, device="cpu"))
+            owners[owner_name] = owner
+    for owner in owners.values():
+        model._init_weights(owner)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _give_back_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc). Building a layer makes and drops temporaries of a
+    few MB between the tensors that stay; glibc would keep those pages, and resident memory would
+    grow by several times the model's size over a load."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _read_bitmask(reader: CompressedReader, prefix: str) -> BitmaskTensor:
+    parts = {key: reader.tensor(f"{prefix}.{key}") for key in BITMASK_KEYS}
+    try:
+        return BitmaskTensor.from_parts(parts, prefix)
+    except CorruptTensorError as err:
+        raise CorruptFileError(f"{reader.path}: {err}") from None
+
+
+def _load_dense(model: nn.Module, state: dict[str, Tensor], tied: dict[str, str], directory: Path) -> None:
+    for alias, name in tied.items():
+        if name in state:
+            state.setdefault(alias, state[name])
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    _computed_buffers(model)
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise CorruptFileError(f"{directory}: no weights stored for {empty[:5]}; the file does not match config.json")
+
+
+def load_sparse_model(directory: str | Path, config: RuntimeConfig | None = None,
+                      timer: Timer | None = None) -> tuple[nn.Module, CompileReport]:
+    """A pruned model from `directory` (a `sparsetorch prune` output or its `compressed/`), with
+    its sparse layers as SparseLinear built from the stored bitmasks, no dense copy on the way.
+
+    Args:
+        config: as for `runtime.compile`; policy 'always' turns every stored sparse layer into a
+            SparseLinear; 'measure' (default) keeps a layer dense where dense measured faster.
+        timer: as for `runtime.compile`.
+
+    Returns:
+        (the model in eval mode, the CompileReport of its layers).
+
+    Raises:
+        FileNotFoundError: no compressed weights in `directory`.
+        CorruptFileError: checksums, tensors or config do not agree.
+
+    Example:
+        >>> model, report = load_sparse_model("pruned/smollm2-70")
+    """
+    directory = Path(directory)
+    inner = directory / COMPRESSED_DIR if (directory / COMPRESSED_DIR).is_dir() else directory
+    config = config or RuntimeConfig()
+    with open_compressed(inner) as reader:
+        model = _skeleton(inner)
+        decisions, state, used = _sparse_layers(model, reader, config, timer)
+        state.update({key: reader.tensor(key) for key in reader.keys() if key not in used})
+        _load_dense(model, state, reader.tied, inner)
+    return model.eval(), CompileReport(tuple(decisions), config)
+
+
+def _sparse_layers(model: nn.Module, reader: CompressedReader, config: RuntimeConfig,
+                   timer: Timer | None) -> tuple[list, dict[str, Tensor], set[str]]:
+    """Decide and build every stored sparse layer, first, while the dense tensors are not yet read (so
+    the timer's cache-flush buffer never adds to the peak memory of the loaded model).
+
+    Returns:
+        (decisions, dense weights of the layers that stay dense, the keys consumed).
+    """
+    cache = TimingCache(timer or MedianTimer()) if config.policy == "measure" else None
+    keys = reader.keys()
+    prefixes = [key.removesuffix(".bitmask") for key in keys if key.endswith(".bitmask")]
+    used = {f"{prefix}.{part}" for prefix in prefixes for part in BITMASK_KEYS}
+    decisions, state = [], {}
+    for prefix in prefixes:
+        stored = _read_bitmask(reader, prefix)
+        decision, weight = decide_layer(prefix, stored.mask(), stored.values, config, cache)
+        if weight is None:
+            state[f"{prefix}.weight"] = stored.to_dense()
+        else:
+            bias_key = f"{prefix}.bias"
+            bias = reader.tensor(bias_key) if bias_key in keys else None
+            used.add(bias_key)
+            model.set_submodule(prefix, SparseLinear(weight, bias, config.backend))
+        decisions.append(decision)
+        _give_back_free_memory()
+    return decisions, state, used

@@ -1,0 +1,49 @@
+"""`sparsetorch bench` and `eval --sparse-runtime` on a tiny pruned model, as a user runs them."""
+
+import json
+
+import pytest
+
+from sparsetorch.cli import main
+from sparsetorch.evaluate.bench import BenchConfig
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tiny_model_dir, text_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "pruned"
+    assert main(["prune", str(tiny_model_dir), "--out", str(out), "--calib-text", str(text_files[0]),
+                 "--calib-samples", "4", "--seqlen", "32", "--pattern", "2:4", "--quiet"]) == 0
+    return out
+
+
+def test_bench_compares_dense_and_sparse_in_one_run(pruned_dir, tmp_path, capsys):
+    record = tmp_path / "bench.json"
+    assert main(["bench", str(pruned_dir), "--prefill-tokens", "16", "--decode-tokens", "6", "--repeats", "1",
+                 "--rounds", "1", "--sparse-runtime", "always", "--json", str(record)]) == 0
+    printed = capsys.readouterr().out
+    assert "| sparse / dense |" in printed and "peak RSS MB" in printed
+    assert "greedy tokens identical to the dense model: yes" in printed
+    assert "layers sparse (nm: 14)" in printed
+    runs = json.loads(record.read_text())
+    assert len(runs["dense"]) == len(runs["sparse"]) == 1
+    assert runs["sparse"][0]["weight_bytes"]["sparse_linear"] > 0 and runs["dense"][0]["peak_rss_bytes"] > 0
+
+
+def test_eval_with_the_sparse_runtime_matches_dense(pruned_dir, text_files, capsys):
+    common = ["--eval-text", str(text_files[1]), "--eval-tokens", "256", "--seqlen", "32", "--quiet"]
+    assert main(["eval", str(pruned_dir), *common]) == 0
+    dense = capsys.readouterr().out.splitlines()[-1].split()[1]
+    assert main(["eval", str(pruned_dir), "--sparse-runtime", "always", *common]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "sparse runtime: 14 of 14 layers sparse" in lines[0]
+    assert abs(float(lines[-1].split()[1]) - float(dense)) < 1e-3 * float(dense)
+
+
+def test_bench_refuses_a_directory_without_both_forms(tmp_path, capsys):
+    assert main(["bench", str(tmp_path)]) == 2
+    assert "bench needs a directory written by `sparsetorch prune`" in capsys.readouterr().err
+
+
+def test_bench_config_validates():
+    with pytest.raises(ValueError, match="decode_tokens must be at least 2"):
+        BenchConfig(decode_tokens=1)
