@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -58,17 +57,18 @@ def worker(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     import sparsetorch
+    from sparsetorch.evaluate.memory import peak_rss_bytes
     from sparsetorch.models import load_model
 
     model, _, _ = load_model(None, progress=False)
     windows = torch.load(args.calibration)
     started = time.perf_counter()
-    report = sparsetorch.prune(model, windows, method=args.method, pattern=args.pattern, progress=False)
+    report = sparsetorch.prune(model, windows, method=args.method, pattern=args.pattern,
+                               layer_inputs=args.layer_inputs, progress=False)
     seconds = time.perf_counter() - started
     modules = dict(model.named_modules())
     save_file({f"{name}.weight": modules[name].weight.detach().contiguous() for name in report.layers}, args.out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"seconds": seconds, "peak_rss_gib": peak}))
+    print(json.dumps({"seconds": seconds, "peak_rss_gib": peak_rss_bytes() / 2**30}))
 
 
 def _run_json(command: list[str], log: Path) -> dict:
@@ -97,18 +97,26 @@ def _version(python: Path, package: str) -> str:
     return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip() or "?"
 
 
-def prune_all(calibration: Path, ref_python: Path | None, model_dir: Path) -> list[Run]:
+def _ours(method: str, label: str, pattern: str, layer_inputs: str, calibration: Path) -> Run:
+    tag = f"{method}-{pattern.replace(':', 'of')}-{layer_inputs}"
+    tool = "sparsetorch" if method == "magnitude" else f"sparsetorch ({layer_inputs} inputs)"
+    run = Run(tool, method, label, WORK / f"ours-{tag}.safetensors")
+    print(f"{tool} {method} {label} ...", flush=True)
+    stats = _run_json([sys.executable, __file__, "worker", "--method", method, "--pattern", pattern,
+                       "--layer-inputs", layer_inputs, "--calibration", str(calibration), "--out", str(run.weights)],
+                      WORK / f"ours-{tag}.log")
+    run.seconds, run.peak_rss_gib = stats["seconds"], stats["peak_rss_gib"]
+    return run
+
+
+def prune_all(calibration: Path, ref_python: Path | None, model_dir: Path, layer_inputs: list[str]) -> list[Run]:
     runs = []
     for method, label, ours, theirs in CONFIGS:
-        tag = f"{method}-{ours.replace(':', 'of')}"
-        run = Run("sparsetorch", method, label, WORK / f"ours-{tag}.safetensors")
-        print(f"sparsetorch {method} {label} ...", flush=True)
-        stats = _run_json([sys.executable, __file__, "worker", "--method", method, "--pattern", ours,
-                           "--calibration", str(calibration), "--out", str(run.weights)], WORK / f"ours-{tag}.log")
-        run.seconds, run.peak_rss_gib = stats["seconds"], stats["peak_rss_gib"]
-        runs.append(run)
+        for mode in layer_inputs[:1] if method == "magnitude" else layer_inputs:
+            runs.append(_ours(method, label, ours, mode, calibration))
         if theirs is None or ref_python is None:
             continue
+        tag = f"{method}-{ours.replace(':', 'of')}"
         run = Run("llm-compressor", method, label, WORK / f"llmc-{tag}.safetensors")
         print(f"llm-compressor {method} {label} ...", flush=True)
         stats = _run_json([str(ref_python), str(HERE / "llmcompressor_worker.py"), "--model", str(model_dir),
@@ -158,16 +166,16 @@ def tables(runs: list[Run], dense: float) -> str:
         "Ours / llm-compressor, same method, pattern and calibration windows "
         "(bars: perplexity ≤ 1.01×, prune time ≤ 0.5×):",
         "",
-        "| method | pattern | perplexity ratio | prune time ratio | peak RSS ratio | bars |",
-        "|---|---|---|---|---|---|",
+        "| ours | method | pattern | perplexity ratio | prune time ratio | peak RSS ratio | bars |",
+        "|---|---|---|---|---|---|---|",
     ]
     for ours in runs:
         theirs = _find(runs, "llm-compressor", ours.method, ours.pattern)
-        if ours.tool != "sparsetorch" or theirs is None:
+        if not ours.tool.startswith("sparsetorch") or theirs is None:
             continue
         ppl, secs = ours.perplexity / theirs.perplexity, ours.seconds / theirs.seconds
         verdict = "met" if ppl <= 1.01 and secs <= 0.5 else "NOT met"
-        lines.append(f"| {ours.method} | {ours.pattern} | {ppl:.4f}× | {secs:.2f}× "
+        lines.append(f"| {ours.tool} | {ours.method} | {ours.pattern} | {ppl:.4f}× | {secs:.2f}× "
                      f"| {ours.peak_rss_gib / theirs.peak_rss_gib:.2f}× | {verdict} |")
     return "\n".join(lines)
 
@@ -190,9 +198,12 @@ def main() -> None:
     w.add_argument("--pattern", required=True)
     w.add_argument("--calibration", required=True)
     w.add_argument("--out", required=True)
+    w.add_argument("--layer-inputs", default="dense")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens (default: 16384)")
+    parser.add_argument("--layer-inputs", nargs="+", default=["dense", "pruned"], choices=["dense", "pruned"],
+                        help="sparsetorch layer_inputs modes to run for Wanda and SparseGPT (default: both)")
     parser.add_argument("--reference-python", help="python of an existing llm-compressor 0.14 environment")
     parser.add_argument("--skip-reference", action="store_true", help="run sparsetorch only")
     parser.add_argument("--no-append", action="store_true", help="print the table, do not append to RESULTS.md")
@@ -213,7 +224,7 @@ def main() -> None:
     torch.save(calibration_windows(tokenizer, split.calibration, args.samples, args.seqlen, seed=0), calibration)
     windows = evaluation_windows(tokenizer, split.evaluation, args.eval_tokens, args.seqlen)
     ref_python = None if args.skip_reference else reference_python(args.reference_python)
-    runs = prune_all(calibration, ref_python, model_dir)
+    runs = prune_all(calibration, ref_python, model_dir, args.layer_inputs)
     dense = evaluate_all(runs, windows)
     table = tables(runs, dense)
     import transformers
@@ -237,7 +248,10 @@ def main() -> None:
         table,
         "",
         "llm-compressor's magnitude modifier is a training-time schedule with no one-shot counterpart, so "
-        "magnitude has no reference row.",
+        "magnitude has no reference row. `layer_inputs`: 'dense' (the default) calibrates every layer of a block "
+        "on the dense block's activations, as the Wanda and SparseGPT papers and llm-compressor do (a statistics "
+        "pass, then a pass of the pruned block for the next block's inputs); 'pruned' calibrates each layer on "
+        "the outputs of the already-pruned layers before it, in a single pass.",
         "",
     ])
     print(section)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sparsetorch.evaluate.memory import peak_rss_bytes
 from sparsetorch.evaluate.speed import greedy_decode, measure_prefill
 from sparsetorch.nn import SparseLinear
 
@@ -97,7 +97,7 @@ def run(directory: Path, variant: str, prefill_tokens: int, decode_tokens: int, 
         "decode_tokens": decode_tokens - 1,
         "linear_share": inside[0] / instrumented,
         "generated": ids.tolist(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+        "peak_rss_bytes": peak_rss_bytes(),
         "weight_bytes": weight_bytes(model),
         "threads": torch.get_num_threads(),
         **info,
