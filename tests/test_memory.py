@@ -1,15 +1,23 @@
+import json
 import subprocess
 import sys
 
+# A fresh parent (this test process's own peak may already be high from earlier tests) that
+# grows by 768 MB, then starts a small child.
+PARENT = """
+import json, subprocess, sys
 from sparsetorch.evaluate.memory import peak_rss_bytes
+before = peak_rss_bytes()
+ballast = b"\\x01" * (768 * 2**20)  # written, so resident
+parent = peak_rss_bytes()
+code = "from sparsetorch.evaluate.memory import peak_rss_bytes; print(peak_rss_bytes())"
+child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+print(json.dumps({"before": before, "parent": parent, "child": child}))
+"""
 
 
 def test_a_child_process_reports_its_own_peak_not_its_parents():
-    before = peak_rss_bytes()
-    ballast = b"\x01" * (768 * 2**20)  # written, so resident
-    parent = peak_rss_bytes()
-    assert parent >= before + 700 * 2**20
-    code = "from sparsetorch.evaluate.memory import peak_rss_bytes; print(peak_rss_bytes())"
-    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    assert 0 < child < parent - 700 * 2**20
-    del ballast
+    out = subprocess.run([sys.executable, "-c", PARENT], capture_output=True, text=True, check=True).stdout
+    peaks = json.loads(out)
+    assert peaks["parent"] >= peaks["before"] + 700 * 2**20
+    assert 0 < peaks["child"] < peaks["parent"] - 700 * 2**20
