@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -26,9 +25,10 @@ from pathlib import Path
 
 import torch
 
+from results import machine, publish
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
-RESULTS = HERE / "RESULTS.md"
 REFERENCE_SPEC = ["llmcompressor==0.14.0.1", "torch==2.13.0"]
 CONFIGS = [  # (method, pattern label, our pattern, llm-compressor mask_structure)
     ("magnitude", "50% unstructured", "unstructured", None),
@@ -180,16 +180,6 @@ def tables(runs: list[Run], dense: float) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    import os
-
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -216,7 +206,7 @@ def main() -> None:
     from sparsetorch.models import demo_model_dir, load_model
 
     WORK.mkdir(exist_ok=True)
-    started = time.time()
+    started, machine_line = time.time(), machine()  # the load average as the run begins
     model_dir = demo_model_dir()
     _, tokenizer, _ = load_model(None, progress=False)
     split = demo_text()
@@ -238,7 +228,7 @@ def main() -> None:
         f"## One-shot pruning, SmolLM2-135M-Instruct ({datetime.date.today()})",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {machine()}; {versions}  ",
+        f"Machine: {machine_line}; {versions}  ",
         f"Data: {args.samples} calibration windows × {args.seqlen} tokens from {split.source} "
         f"({len(split.calibration_parts)} calibration plays), perplexity on {windows.numel()} tokens of "
         f"held-out {', '.join(split.evaluation_parts)}; every run prunes all 210 linear layers of the 30 blocks "
@@ -254,10 +244,7 @@ def main() -> None:
         "the outputs of the already-pruned layers before it, in a single pass.",
         "",
     ])
-    print(section)
-    if not args.no_append:
-        with open(RESULTS, "a") as f:
-            f.write(("\n" if RESULTS.exists() and RESULTS.stat().st_size else "# Benchmark results\n\n") + section)
+    publish([section], append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from results import machine
 from sparsetorch.targets import find_targets
 from sparsetorch.training.demo import GPTShape, RunResult, TrainConfig, char_corpus, plot_curves, run_gpt
 from sparsetorch.training.recipes import recipe
@@ -119,15 +118,6 @@ def checks(stats: dict) -> list[str]:
     out.append(f"- our GMP vs torch.ao GMP: |{ours:.4f} - {peer:.4f}| = {abs(ours - peer):.4f} (bar: <= seed std "
                f"{bar:.4f}): {'PASS' if abs(ours - peer) <= bar else 'FAIL'}")
     return out
-
-
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
