@@ -64,7 +64,7 @@ def worker(args: argparse.Namespace) -> None:
     windows = torch.load(args.calibration)
     started = time.perf_counter()
     report = sparsetorch.prune(model, windows, method=args.method, pattern=args.pattern,
-                               layer_inputs=args.layer_inputs, progress=False)
+                               layer_inputs=args.layer_inputs, calib_dtype=args.calib_dtype, progress=False)
     seconds = time.perf_counter() - started
     modules = dict(model.named_modules())
     save_file({f"{name}.weight": modules[name].weight.detach().contiguous() for name in report.layers}, args.out)
@@ -97,23 +97,26 @@ def _version(python: Path, package: str) -> str:
     return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip() or "?"
 
 
-def _ours(method: str, label: str, pattern: str, layer_inputs: str, calibration: Path) -> Run:
-    tag = f"{method}-{pattern.replace(':', 'of')}-{layer_inputs}"
-    tool = "sparsetorch" if method == "magnitude" else f"sparsetorch ({layer_inputs} inputs)"
+def _ours(method: str, label: str, pattern: str, layer_inputs: str, calibration: Path, calib_dtype: str) -> Run:
+    tag = f"{method}-{pattern.replace(':', 'of')}-{layer_inputs}-{calib_dtype}"
+    precision = "" if calib_dtype == "model" else f", {calib_dtype} calibration"
+    tool = "sparsetorch" if method == "magnitude" else f"sparsetorch ({layer_inputs} inputs{precision})"
     run = Run(tool, method, label, WORK / f"ours-{tag}.safetensors")
     print(f"{tool} {method} {label} ...", flush=True)
     stats = _run_json([sys.executable, __file__, "worker", "--method", method, "--pattern", pattern,
-                       "--layer-inputs", layer_inputs, "--calibration", str(calibration), "--out", str(run.weights)],
+                       "--layer-inputs", layer_inputs, "--calib-dtype", calib_dtype, "--calibration", str(calibration),
+                       "--out", str(run.weights)],
                       WORK / f"ours-{tag}.log")
     run.seconds, run.peak_rss_gib = stats["seconds"], stats["peak_rss_gib"]
     return run
 
 
-def prune_all(calibration: Path, ref_python: Path | None, model_dir: Path, layer_inputs: list[str]) -> list[Run]:
+def prune_all(calibration: Path, ref_python: Path | None, model_dir: Path, layer_inputs: list[str],
+              calib_dtype: str) -> list[Run]:
     runs = []
     for method, label, ours, theirs in CONFIGS:
         for mode in layer_inputs[:1] if method == "magnitude" else layer_inputs:
-            runs.append(_ours(method, label, ours, mode, calibration))
+            runs.append(_ours(method, label, ours, mode, calibration, calib_dtype))
         if theirs is None or ref_python is None:
             continue
         tag = f"{method}-{ours.replace(':', 'of')}"
@@ -189,11 +192,14 @@ def main() -> None:
     w.add_argument("--calibration", required=True)
     w.add_argument("--out", required=True)
     w.add_argument("--layer-inputs", default="dense")
+    w.add_argument("--calib-dtype", default="model")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens (default: 16384)")
     parser.add_argument("--layer-inputs", nargs="+", default=["dense", "pruned"], choices=["dense", "pruned"],
                         help="sparsetorch layer_inputs modes to run for Wanda and SparseGPT (default: both)")
+    parser.add_argument("--calib-dtype", default="model", choices=["model", "bfloat16", "auto"],
+                        help="sparsetorch's calibration precision (default: model, i.e. fp32)")
     parser.add_argument("--reference-python", help="python of an existing llm-compressor 0.14 environment")
     parser.add_argument("--skip-reference", action="store_true", help="run sparsetorch only")
     parser.add_argument("--no-append", action="store_true", help="print the table, do not append to RESULTS.md")
@@ -214,7 +220,7 @@ def main() -> None:
     torch.save(calibration_windows(tokenizer, split.calibration, args.samples, args.seqlen, seed=0), calibration)
     windows = evaluation_windows(tokenizer, split.evaluation, args.eval_tokens, args.seqlen)
     ref_python = None if args.skip_reference else reference_python(args.reference_python)
-    runs = prune_all(calibration, ref_python, model_dir, args.layer_inputs)
+    runs = prune_all(calibration, ref_python, model_dir, args.layer_inputs, args.calib_dtype)
     dense = evaluate_all(runs, windows)
     table = tables(runs, dense)
     import transformers

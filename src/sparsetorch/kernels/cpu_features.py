@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ISA_FLAGS", "ISA_REQUIREMENTS", "ISAS", "cpu_flags", "supported_isas"]
+__all__ = ["ISA_FLAGS", "ISA_REQUIREMENTS", "ISAS", "cpu_flags", "has_native_bf16", "supported_isas"]
 
 # Best first. Each ISA's compiler flags, and the cpuinfo flags a CPU needs to run its build.
 ISAS: tuple[str, ...] = ("avx512", "avx2", "scalar")
@@ -57,3 +57,18 @@ def supported_isas() -> tuple[str, ...]:
     if flags is None:
         return _TORCH_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), ("scalar",))
     return tuple(isa for isa in ISAS if ISA_REQUIREMENTS[isa] <= flags)
+
+
+# The cpuinfo flags of bfloat16 dot-product instructions (Zen 4, Cooper Lake, Sapphire Rapids+).
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware, so bf16 matmuls beat fp32 ones.
+
+    Without these instructions oneDNN emulates bf16 and is no faster than fp32 (measured
+    here with them: a 32768x576 @ 576x1536 linear runs at 360 GFLOP/s in bf16, 165 in fp32).
+    """
+    flags = cpu_flags()
+    return flags is not None and bool(flags & _BF16_FLAGS)

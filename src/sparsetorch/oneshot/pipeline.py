@@ -25,6 +25,7 @@ from sparsetorch.families import find_blocks, model_type
 from sparsetorch.oneshot.calibrate import calibrate_and_prune
 from sparsetorch.oneshot.capture import block_forward, capture_block_calls, model_forward
 from sparsetorch.oneshot.config import PruneConfig
+from sparsetorch.oneshot.precision import calibration_precision, full_precision
 from sparsetorch.oneshot.report import LayerReport, PruneReport
 from sparsetorch.oneshot.resume import ResumeCheckpoint
 from sparsetorch.oneshot.solvers import get_solver
@@ -80,7 +81,8 @@ def prune(
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
                 pruner.prune(module, None)
         else:
-            _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
+            with calibration_precision(model, config.calib_dtype):
+                _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
     return pruner.report(time.perf_counter() - started)
 
 
@@ -127,7 +129,8 @@ class _LayerPruner:
         started = time.perf_counter()
         options = replace(self.config.solver_options(), seed=self.config.seed + self.index[modules[0]])
         weights = [weight_matrix(module) for module in modules]
-        results = self.solver.solve(weights, stat, self.pattern, self.config.sparsity, options)
+        with full_precision(weights[0].device):  # even when called inside a bf16 calibration forward
+            results = self.solver.solve(weights, stat, self.pattern, self.config.sparsity, options)
         seconds = (time.perf_counter() - started) / len(modules)
         for module, weight, (new_weight, keep) in zip(modules, weights, results):
             set_weight_matrix(module, new_weight)

@@ -1,0 +1,73 @@
+"""The precision of calibration: optionally, forwards in bfloat16 where the hardware is fast at it.
+
+The calibration forwards of the block pipeline are almost all of one-shot pruning's
+time, and almost all of that is matmuls. On a CPU with bf16 dot-product instructions
+(and on CUDA) a bf16 matmul runs over twice as fast as an fp32 one. With
+`calib_dtype='bfloat16'` (or 'auto' on such hardware) an fp32 model's calibration
+forwards run under bf16 autocast: matmuls and attention in bf16; norms, residual sums
+and the hidden states kept between blocks in fp32.
+
+The solvers always run with autocast off (`full_precision`), on the fp32 weights; only
+the masks (and SparseGPT's weight updates) differ from an fp32 calibration, through the
+rounding of activations. That difference is not small for every configuration: on
+SmolLM2-135M, bf16 calibration measured 1.5-3.9% higher perplexity for SparseGPT and
+for Wanda at 2:4 (benchmarks/RESULTS.md), so the default is the model's own dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+__all__ = ["CALIB_DTYPES", "calibration_dtype", "calibration_precision", "full_precision"]
+
+# 'model': the model's own dtype (the default); 'bfloat16': bf16 autocast whatever the
+# hardware; 'auto': bf16 only where the hardware multiplies it natively.
+CALIB_DTYPES: tuple[str, ...] = ("model", "bfloat16", "auto")
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters(), None)
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype
+
+
+def calibration_dtype(model: nn.Module, choice: str = "auto") -> torch.dtype:
+    """The dtype the calibration matmuls of `model` will run in for `choice`.
+
+    Example:
+        >>> calibration_dtype(model, "auto")  # fp32 model on a Zen 4 CPU
+        torch.bfloat16
+    """
+    if choice not in CALIB_DTYPES:
+        raise ValueError(f"calib_dtype must be one of {list(CALIB_DTYPES)}, got {choice!r}")
+    device, dtype = _device_and_dtype(model)
+    if dtype != torch.float32 or choice == "model":
+        return dtype
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else dtype
+    from sparsetorch.kernels.cpu_features import has_native_bf16  # here: the kernels package imports oneshot
+
+    return torch.bfloat16 if device.type == "cpu" and has_native_bf16() else dtype
+
+
+def calibration_precision(model: nn.Module, choice: str = "auto"):
+    """A context for the calibration forwards of `model`: bf16 autocast, or nothing."""
+    device, dtype = _device_and_dtype(model)
+    target = calibration_dtype(model, choice)
+    if target == dtype:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=target)
+
+
+@contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Autocast off: solvers run in the weights' own dtype even inside a calibration forward."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
