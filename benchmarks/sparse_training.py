@@ -93,12 +93,13 @@ def run(method: str, seed: int, args: argparse.Namespace, corpus) -> RunResult:
 def summarize(results: dict[str, list[RunResult]]) -> tuple[dict, list[str]]:
     finals = {m: [r.final for r in runs] for m, runs in results.items()}
     stats = {m: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for m, v in finals.items()}
-    dense = stats["dense"][0]
+    dense = stats["dense"][0] if "dense" in stats else None  # absent when --methods leaves it out
     lines = ["| run | final val loss (mean ± std) | vs dense | sparsity | seeds |", "|---|---|---|---|---|"]
     for method, (mean, std) in stats.items():
         sparsity = statistics.mean(r.sparsity for r in results[method])
         seeds = len(finals[method])
-        lines.append(f"| {LABELS[method]} | {mean:.4f} ± {std:.4f} | {mean / dense:.3f}× | {sparsity:.1%} | {seeds} |")
+        versus = "–" if dense is None else f"{mean / dense:.3f}×"
+        lines.append(f"| {LABELS[method]} | {mean:.4f} ± {std:.4f} | {versus} | {sparsity:.1%} | {seeds} |")
     return stats, lines
 
 

@@ -48,6 +48,24 @@ def test_rigl_may_regrow_a_just_dropped_weight_which_then_keeps_its_value():
     assert layer.weight.tolist() == [[1.0, 0, 3, 4, 0, 0, 0, 0]]
 
 
+def test_rigl_grows_by_the_gradients_summed_over_grad_steps():
+    model = nn.Sequential(nn.Linear(8, 1, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    schedule = RigL(sparsity=0.5, end=100, every=2, drop_fraction=0.5, decay="constant", grad_steps=2)
+    sparsifier = Sparsifier(model, schedule, optimizer=opt)
+    layer = model[0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2, 3, 4, 0, 0, 0, 0]]))
+        layer.weight_mask.copy_(layer.weight != 0)
+    for grads in ([0, 0, 0, 0, 0, 3, 0, 3], [0, 0, 0, 0, 4, -1, 0, 0.5]):
+        (layer.weight * torch.tensor([grads])).sum().backward()
+        opt.step()
+        sparsifier.step()
+        opt.zero_grad()
+    # |sum| = [.., 4, 2, 0, 3.5]: the last step alone would grow index 5, a sum of |grad| index 5 too
+    assert layer.weight_mask.int().tolist() == [[0, 0, 1, 1, 1, 0, 0, 1]]
+
+
 def test_rigl_needs_the_backward_before_its_update():
     model = mlp()
     opt = OPTIMIZERS["adamw"](model.parameters())
@@ -88,6 +106,8 @@ def test_dynamic_methods_refuse_structured_patterns():
     (lambda: RigL(sparsity=0.5, end=0), "end must be"),
     (lambda: RigL(sparsity=0.5, end=10, drop_fraction=1.5), r"drop_fraction must be in \[0, 1\]"),
     (lambda: SET(sparsity=0.5, end=10, decay="linear"), "decay must be one of"),
+    (lambda: RigL(sparsity=0.5, end=10, every=5, grad_steps=6), r"grad_steps must be between 1 and every \(5\)"),
+    (lambda: RigL(sparsity=0.5, end=10, grad_steps=0), "grad_steps must be"),
 ])
 def test_bad_dynamic_configs_say_what_is_allowed(bad, match):
     with pytest.raises(ValueError, match=match):

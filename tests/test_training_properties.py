@@ -22,6 +22,7 @@ METHODS = {
     "iterative": (lambda s: Iterative(sparsity=s, rounds=2, round_steps=3, rewind=1), {}),
     "set": (lambda s: SET(sparsity=s, end=9, every=2), {"distribution": "er"}),
     "rigl": (lambda s: RigL(sparsity=s, end=9, every=2), {"distribution": "erk"}),
+    "rigl-summed-grads": (lambda s: RigL(sparsity=s, end=9, every=3, grad_steps=2), {"distribution": "erk"}),
     "rigl-row": (lambda s: RigL(sparsity=s, end=9, every=2), {"pattern": "unstructured-row"}),
     "srigl": (lambda s: SRigL(sparsity=s, end=9, every=2, gamma=0.6), {}),
     "srste": (lambda s: SRSTE(), {"pattern": "2:4"}),

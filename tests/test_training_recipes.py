@@ -5,7 +5,8 @@ from sparsetorch.training.recipes import RECIPES, recipe, register_recipe
 
 
 def test_recipes_scale_their_steps_to_the_run():
-    assert recipe("rigl", 1000, 0.9).schedule == RigL(sparsity=0.9, end=750, every=75)
+    assert recipe("rigl", 1000, 0.9).schedule == RigL(sparsity=0.9, end=750, every=100, grad_steps=100)
+    assert recipe("rigl", 200, 0.9).schedule == RigL(sparsity=0.9, end=150, every=37, grad_steps=37)  # 4 updates
     assert recipe("rigl", 100_000, 0.9).schedule.every == 100  # RigL's Delta T on long runs
     assert recipe("rigl", 1000, 0.9).distribution == "erk"
     assert recipe("gmp", 1000, 0.9).schedule == Gradual(sparsity=0.9, start=100, end=600, every=75)

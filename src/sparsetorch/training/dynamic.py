@@ -2,8 +2,9 @@
 
 Every `every` steps until `end`, each layer drops the `f * active` smallest-magnitude
 active weights and grows as many inactive ones: at random for SET (Mocanu et al., 2018),
-by largest dense-gradient magnitude for RigL (Evci et al., 2020). The drop fraction f
-decays from `drop_fraction` by a cosine (RigL) or stays constant (SET). Grown weights
+by largest dense-gradient magnitude for RigL (Evci et al., 2020), that of the last batch
+or, with `grad_steps`, summed over the last batches before the update. The drop fraction
+f decays from `drop_fraction` by a cosine (RigL) or stays constant (SET). Grown weights
 start at zero with zeroed optimizer state; the active count never changes, so every
 layer stays at exactly its sparsity. Initial masks are random (use distribution='erk').
 
@@ -148,19 +149,38 @@ class SETMethod(DropGrowMethod):
 class RigL(DynamicSchedule):
     """Rigging the Lottery: regrow where the dense gradient is largest (Evci et al., 2020).
 
+    Args:
+        grad_steps: grow by the dense gradients summed over the last `grad_steps` steps up to
+            each update (at most `every`). 1 is the paper's single batch (4096 images on
+            ImageNet); with small batches one batch's gradient is mostly noise,
+            so the grown weights are dropped again at the next update before they learned
+            anything, and summing the batches of the interval (gradient accumulation, as
+            rigl-torch's `grad_accumulation_n`) picks the weights the data keep asking for.
+
     Example:
         >>> RigL(sparsity=0.9, end=3000)  # Delta T = 100, alpha = 0.3, cosine decay
+        >>> RigL(sparsity=0.9, end=450, every=45, grad_steps=45)  # a short run with small batches
     """
 
     name: ClassVar[str] = "rigl"
+    grad_steps: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_step(self.grad_steps, "grad_steps", low=1)
+        if self.grad_steps > self.every:
+            raise ValueError(f"grad_steps must be between 1 and every ({self.every}), got {self.grad_steps}")
 
 
 @register_method(RigL)
 class RigLMethod(DropGrowMethod):
-    """Grow by |dense gradient| of the step before the update."""
+    """Grow by |dense gradient| summed over the `grad_steps` steps up to the update."""
 
     def needs_grads(self, step: int) -> bool:
         return self.config.updates_at(step)
+
+    def collects_grads(self, step: int) -> bool:
+        return any(self.config.updates_at(t) for t in range(step, step + self.config.grad_steps))
 
     def grow_scores(self, layer: Layer, grad: Tensor | None) -> Tensor:
         return grad.abs()

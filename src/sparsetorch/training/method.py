@@ -195,8 +195,13 @@ class Method:
         return MaskUpdate(self.magnitude_masks(step))
 
     def needs_grads(self, step: int) -> bool:
-        """Whether `update(step)` reads the dense gradients of the backward before it."""
+        """Whether `update(step)` reads dense gradients (those collected since the last read)."""
         return False
+
+    def collects_grads(self, step: int) -> bool:
+        """Whether the backward of `step` adds its dense gradients to those the next read gets
+        (default: only the backward of a step that reads them)."""
+        return self.needs_grads(step)
 
     def state_dict(self) -> dict[str, Any]:
         """Handler state beyond the masks (which live in module buffers)."""

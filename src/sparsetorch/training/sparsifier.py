@@ -104,7 +104,7 @@ class Sparsifier:
         self._grads: dict[int, Tensor] = {}
         self._handles = [self._attach(index, layer) for index, layer in enumerate(self.layers)]
         self._apply(self.method.initial_masks())
-        self._collecting = self.method.needs_grads(1)
+        self._collecting = self.method.collects_grads(1)
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -146,7 +146,7 @@ class Sparsifier:
     def _collect(self, index: int, grad: Tensor) -> None:
         if self._collecting:
             held = self._grads.get(index)
-            self._grads[index] = grad.detach().clone() if held is None else held + grad
+            self._grads[index] = grad.detach().clone() if held is None else held.add_(grad)
 
     def _take_grads(self) -> list[Tensor]:
         if len(self._grads) != len(self.layers):
@@ -172,13 +172,14 @@ class Sparsifier:
             raise RuntimeError("this sparsifier was finalized; build a new one to keep training sparse")
         self.step_count += 1
         grads = self._take_grads() if self.method.needs_grads(self.step_count) else None
-        self._grads.clear()
+        self._collecting = self.method.collects_grads(self.step_count + 1)
+        if not self._collecting:
+            self._grads.clear()
         update = self.method.update(self.step_count, grads)
         if update is not None:
             self._apply(update)
         elif not self.method.soft:
             self._enforce()
-        self._collecting = self.method.needs_grads(self.step_count + 1)
         return update is not None
 
     @torch.no_grad()
@@ -228,13 +229,15 @@ class Sparsifier:
         return {layer.name: self.method.sparsity_at(layer, step) for layer in self.layers}
 
     def state_dict(self) -> dict[str, Any]:
-        """Step, random state and method state; masks are saved by `model.state_dict()`."""
+        """Step, random state, method state and any gradients summed so far for the next
+        update (RigL's `grad_steps`); masks are saved by `model.state_dict()`."""
         return {
             "step": self.step_count,
             "schedule": self.schedule.to_dict(),
             "pattern": self.pattern.spec,
             "generator": self.generator.get_state(),
             "method": self.method.state_dict(),
+            "grads": {index: grad.clone() for index, grad in self._grads.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -250,7 +253,8 @@ class Sparsifier:
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
         self.method.load_state_dict(state["method"])
-        self._collecting = self.method.needs_grads(self.step_count + 1)
+        self._grads = {int(index): grad.clone() for index, grad in state.get("grads", {}).items()}
+        self._collecting = self.method.collects_grads(self.step_count + 1)
 
     def finalize(self) -> dict[str, Tensor]:
         """Bake the masks in and detach: weights become plain parameters with exact zeros,
