@@ -6,7 +6,9 @@ The model is pruned with Wanda on a few calibration windows (quality is not the 
 lm_head stays dense) and saved with `save_pruned`. Then `sparsetorch bench`'s logic runs the
 dense-pruned model (dense matmuls over the zeros) and the sparse runtime (loaded from the
 compressed directory, no dense weights) each in fresh processes, alternating, through the same
-greedy KV-cache decode loop, and compares tokens/s, the generated tokens and peak RSS.
+greedy KV-cache decode loop, and compares tokens/s, the generated tokens and peak RSS. The loop
+runs in sparsetorch's lean Llama decoder (`runtime.lean`: the processes never import
+transformers); `--decoder transformers` runs transformers' LlamaForCausalLM instead.
 
 Physical limit: a decode step reads every Linear weight once, so its best time scales with
 bytes read. 'bytes limit' is dense bytes / sparse bytes; 'with the rest' also keeps the
@@ -20,10 +22,16 @@ from pathlib import Path
 
 from results import header, publish
 from sparsetorch.evaluate.bench import BenchConfig, BenchResult, run_bench
+from sparsetorch.evaluate.bench_worker import DECODERS
 from sparsetorch.runtime import RuntimeConfig
 
 WORK = Path(__file__).parent / "_work" / "decode_llm"
 PATTERNS = {"2:4": ("2:4", None), "70%": ("unstructured", 0.7)}
+DECODER_NOTES = {
+    "lean": "Decoder: sparsetorch's lean Llama (`runtime.lean`); transformers is never imported.",
+    "auto": "Decoder: sparsetorch's lean Llama (`runtime.lean`, 'auto'); transformers is never imported.",
+    "transformers": "Decoder: transformers' LlamaForCausalLM and AutoTokenizer (their imports are in the peak RSS).",
+}
 
 
 def prepare(name: str, samples: int, seqlen: int) -> Path:
@@ -75,10 +83,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per variant, alternating")
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--calib-seqlen", type=int, default=256)
+    parser.add_argument("--decoder", choices=DECODERS, default="lean",
+                        help="the decode loop of both variants (default: lean, no transformers in the process)")
     parser.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
     args = parser.parse_args()
     config = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
-                         rounds=args.rounds, runtime=RuntimeConfig(batch_sizes=(1,)))
+                         rounds=args.rounds, runtime=RuntimeConfig(batch_sizes=(1,)), decoder=args.decoder)
     lines = ["| pruned | dense tok/s | sparse tok/s | decode speedup | bytes limit | limit with the rest "
              "| same tokens | Linear share of decode (dense / sparse) | peak RSS MB (dense / sparse) "
              "| prefill tok/s (dense / sparse) | weights on disk MB (dense / compressed) |",
@@ -95,10 +105,12 @@ def main() -> None:
         f"Wanda on {args.calib_samples} calibration windows × {args.calib_seqlen} tokens; greedy decode of "
         f"{args.decode_tokens} tokens after a short prompt, prefill of one {args.prefill_tokens}-token window; "
         f"{args.rounds} fresh processes per variant, alternating, {args.repeats} timed repeats each; medians. "
-        "Dense = the pruned model's dense weights (`load_pruned`); sparse = `runtime.load_sparse_model` on the "
-        "compressed directory (no dense weights), decided at batch size 1. Peak RSS is the whole process "
-        "(Python, torch, transformers included). Linear share: time inside Linear/SparseLinear forwards in one "
-        "instrumented decode (lm_head included).",
+        "Dense = the pruned model's dense weights (model.safetensors); sparse = `runtime.load_sparse_model` on the "
+        "compressed directory (no dense weights), decided at batch size 1. "
+        f"{DECODER_NOTES[args.decoder]} Peak RSS is the whole worker process (Python and torch included); the "
+        "parent tokenizes the prompt and prefill text once and passes the ids, and each worker keeps glibc's mmap "
+        "threshold at 128 KiB (`runtime.malloc`) so freed buffers leave the resident set (both variants alike). "
+        "Linear share: time inside Linear/SparseLinear forwards in one instrumented decode (lm_head included).",
         "",
         *lines,
         "",

@@ -1,6 +1,8 @@
 """`sparsetorch bench` and `eval --sparse-runtime` on a tiny pruned model, as a user runs them."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -23,10 +25,40 @@ def test_bench_compares_dense_and_sparse_in_one_run(pruned_dir, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "| sparse / dense |" in printed and "peak RSS MB" in printed
     assert "greedy tokens identical to the dense model: yes" in printed
+    assert "decoder: lean" in printed  # 'auto' on a Llama
     assert "layers sparse (nm: 14)" in printed
     runs = json.loads(record.read_text())
     assert len(runs["dense"]) == len(runs["sparse"]) == 1
     assert runs["sparse"][0]["weight_bytes"]["sparse_linear"] > 0 and runs["dense"][0]["peak_rss_bytes"] > 0
+
+
+def run_worker(directory, out, variant: str, decoder: str, ids=None) -> dict:
+    extra = [] if ids is None else ["--ids", str(ids)]
+    subprocess.run([sys.executable, "-m", "sparsetorch.evaluate.bench_worker", str(directory), "--variant", variant,
+                    "--decoder", decoder, "--prefill-tokens", "16", "--decode-tokens", "6", "--repeats", "1",
+                    "--runtime", '{"policy": "always"}', *extra, "--out", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def test_workers_take_the_ids_tokenized_by_the_parent(pruned_dir, tmp_path):
+    from sparsetorch.evaluate.bench_worker import PROMPT, token_ids
+
+    ids = token_ids(pruned_dir, "lean", 16)
+    assert len(ids["prefill"]) == 16 and 0 < len(ids["prompt"]) <= len(PROMPT)
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    given = run_worker(pruned_dir, tmp_path / "given.json", "sparse", "lean", tmp_path / "ids.json")
+    own = run_worker(pruned_dir, tmp_path / "own.json", "sparse", "lean")
+    assert given["generated"] == own["generated"] and given["prefill_tokens"] == 16
+
+
+def test_the_lean_worker_never_imports_transformers_and_decodes_the_same_tokens(pruned_dir, tmp_path):
+    lean = {v: run_worker(pruned_dir, tmp_path / f"{v}.json", v, "lean") for v in ("dense", "sparse")}
+    reference = run_worker(pruned_dir, tmp_path / "transformers.json", "sparse", "transformers")
+    assert [r["transformers_imported"] for r in (*lean.values(), reference)] == [False, False, True]
+    assert lean["dense"]["generated"] == lean["sparse"]["generated"] == reference["generated"]
+    assert lean["sparse"]["summary"] == reference["summary"] == "14 of 14 layers sparse (nm: 14)"
+    assert lean["sparse"]["weight_bytes"] == reference["weight_bytes"]
+    assert 0 < lean["sparse"]["linear_share"] < 1 and lean["sparse"]["decoder"] == "lean"
 
 
 def test_eval_with_the_sparse_runtime_matches_dense(pruned_dir, text_files, capsys):
@@ -47,3 +79,5 @@ def test_bench_refuses_a_directory_without_both_forms(tmp_path, capsys):
 def test_bench_config_validates():
     with pytest.raises(ValueError, match="decode_tokens must be at least 2"):
         BenchConfig(decode_tokens=1)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        BenchConfig(decoder="vllm")

@@ -97,6 +97,15 @@ def _add_runtime_options(parser: argparse.ArgumentParser, default: str | None) -
                        help="batch rows the sparse kernels must win at, e.g. 1 256 (default: 1, decode)")
 
 
+def _add_decoder_option(parser: argparse.ArgumentParser) -> None:
+    from sparsetorch.evaluate.bench_worker import DECODERS
+
+    parser.add_argument("--decoder", choices=DECODERS, default="auto",
+                        help="the decode loop both variants run: 'lean' (sparsetorch's own Llama-family decoder; the "
+                             "process never imports transformers), 'transformers', or 'auto' (default: lean for "
+                             "Llama, Mistral and Qwen2, else transformers)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsetorch",
@@ -134,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats per process (default: 3)")
     bench.add_argument("--rounds", type=int, default=2, help="processes per variant, alternating (default: 2)")
     _add_runtime_options(bench, default="measure")
+    _add_decoder_option(bench)
     bench.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
 
     inspect = sub.add_parser("inspect", help="per-layer sparsity table and heatmap",
@@ -377,9 +387,10 @@ def _cmd_bench(args) -> int:
     from sparsetorch.evaluate.bench import BenchConfig, run_bench
 
     config = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
-                         rounds=args.rounds, runtime=_runtime_config(args))
+                         rounds=args.rounds, runtime=_runtime_config(args), decoder=args.decoder)
     result = run_bench(args.model, config)
     print(result.table())
+    print(f"decoder: {result.dense.decoder}")
     print(f"greedy tokens identical to the dense model: {'yes' if result.same_tokens else 'NO'}")
     print(f"sparse runtime: {result.sparse.runs[0].get('summary', '')}")
     if args.json:

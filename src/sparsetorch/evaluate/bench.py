@@ -4,7 +4,11 @@ Each variant runs in its own fresh process (`bench_worker`), alternating dense, 
 sparse ... for `rounds` rounds, so slow drifts of the machine hit both alike and each peak RSS
 is the variant's own. Reported: median prefill and decode tokens/s over all repeats, peak RSS
 (median over rounds), size on disk, and sparse/dense ratios; and whether greedy decoding
-produced the very same tokens.
+produced the very same tokens. Both variants run in the same decoder: 'lean' (`runtime.lean`,
+no transformers in the process), 'transformers', or 'auto' (lean for the families it runs).
+Peak RSS is the model's run alone: this process tokenizes the prompt and prefill text once and
+hands the ids to the workers, and each worker fixes glibc's mmap threshold (`runtime.malloc`)
+so that freed loading temporaries go back to the OS in both variants.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsetorch.evaluate.bench_worker import DECODERS, token_ids
 from sparsetorch.evaluate.report import file_size
 from sparsetorch.formats.checkpoint import COMPRESSED_DIR, WEIGHTS_FILE
 from sparsetorch.runtime.config import RuntimeConfig
@@ -28,15 +33,19 @@ VARIANTS = ("dense", "sparse")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """How to bench: tokens, repeats per process, processes per variant, and the sparse runtime's config."""
+    """How to bench: tokens, repeats per process, processes per variant, the sparse runtime's config
+    and the decoder both variants run in ('auto', 'lean' or 'transformers')."""
 
     prefill_tokens: int = 256
     decode_tokens: int = 128
     repeats: int = 3
     rounds: int = 2
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         for name in ("prefill_tokens", "repeats", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -49,6 +58,7 @@ class VariantResult:
     """Medians over every repeat of every round of one variant."""
 
     variant: str
+    decoder: str
     prefill_tokens_per_second: float
     decode_tokens_per_second: float
     peak_rss_bytes: int
@@ -82,11 +92,12 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _worker(directory: Path, variant: str, config: BenchConfig, out: Path) -> dict:
+def _worker(directory: Path, variant: str, config: BenchConfig, out: Path, ids: Path) -> dict:
     command = [
         sys.executable, "-m", "sparsetorch.evaluate.bench_worker", str(directory), "--variant", variant,
         "--prefill-tokens", str(config.prefill_tokens), "--decode-tokens", str(config.decode_tokens),
-        "--repeats", str(config.repeats), "--runtime", json.dumps(config.runtime.to_dict()), "--out", str(out),
+        "--repeats", str(config.repeats), "--runtime", json.dumps(config.runtime.to_dict()),
+        "--decoder", config.decoder, "--ids", str(ids), "--out", str(out),
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -99,6 +110,7 @@ def _summarize(variant: str, runs: list[dict], disk_bytes: int) -> VariantResult
     decode = [r["decode_tokens"] / s for r in runs for s in r["decode_seconds"]]
     return VariantResult(
         variant=variant,
+        decoder=runs[0]["decoder"],
         prefill_tokens_per_second=statistics.median(prefill),
         decode_tokens_per_second=statistics.median(decode),
         peak_rss_bytes=int(statistics.median(r["peak_rss_bytes"] for r in runs)),
@@ -127,10 +139,12 @@ def run_bench(directory: str | Path, config: BenchConfig | None = None, progress
     config = config or BenchConfig()
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="sparsetorch-bench-") as scratch:
+        ids = Path(scratch) / "ids.json"  # tokenized here: the workers' peak RSS is the model's run alone
+        ids.write_text(json.dumps(token_ids(directory, config.decoder, config.prefill_tokens)))
         for round_ in range(config.rounds):
             for variant in VARIANTS:
                 if progress:
                     print(f"==> round {round_ + 1}/{config.rounds}: {variant}", flush=True)
-                runs[variant].append(_worker(directory, variant, config, Path(scratch) / f"{variant}-{round_}.json"))
+                runs[variant].append(_worker(directory, variant, config, Path(scratch) / f"{variant}-{round_}.json", ids))
     dense, sparse = (_summarize(v, runs[v], file_size(disk[v])) for v in VARIANTS)
     return BenchResult(dense, sparse)

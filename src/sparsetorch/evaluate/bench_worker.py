@@ -1,10 +1,13 @@
 """One variant of `sparsetorch bench`, alone in its own process (so its peak RSS is its own).
 
-    python -m sparsetorch.evaluate.bench_worker DIR --variant dense|sparse --out result.json ...
+    python -m sparsetorch.evaluate.bench_worker DIR --variant dense|sparse --decoder auto|lean|transformers --out result.json ...
 
-dense:  the pruned model's dense weights (`load_pruned`), i.e. the same zeros run by dense matmuls.
+dense:  the pruned model's dense weights, i.e. the same zeros run by dense matmuls.
 sparse: the compressed weights through `runtime.load_sparse_model` (no dense copy of sparse layers).
-Both run the very same prefill and greedy decode loops (`evaluate.speed`).
+Both run the very same prefill and greedy decode loops (`evaluate.speed`), in the same decoder:
+'lean' (`runtime.lean.LeanLlama` and the `tokenizers` tokenizer: this process never imports
+transformers, whose modeling code alone adds ~160 MB to the peak RSS) or 'transformers'
+(`AutoModelForCausalLM`, `AutoTokenizer`); 'auto' is lean for the families it runs.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,13 +26,32 @@ from torch import Tensor, nn
 from sparsetorch.evaluate.memory import peak_rss_bytes
 from sparsetorch.evaluate.speed import greedy_decode, measure_prefill
 from sparsetorch.nn import SparseLinear
+from sparsetorch.runtime.malloc import fix_mmap_threshold
 
-__all__ = ["linear_seconds", "main", "weight_bytes"]
+__all__ = ["DECODERS", "linear_seconds", "main", "resolve_decoder", "weight_bytes"]
 
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
+DECODERS = ("auto", "lean", "transformers")
 
 
-def _load(directory: Path, variant: str, runtime: dict) -> tuple[nn.Module, dict]:
+def resolve_decoder(directory: Path, decoder: str) -> str:
+    """'lean' or 'transformers': 'auto' is lean wherever `runtime.lean` runs the model's family."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "auto":
+        from sparsetorch.runtime.lean import lean_supports
+
+        return "lean" if lean_supports(directory) else "transformers"
+    return decoder
+
+
+def _load(directory: Path, variant: str, runtime: dict, decoder: str) -> tuple[nn.Module, dict]:
+    if decoder == "lean":
+        from sparsetorch.runtime import RuntimeConfig
+        from sparsetorch.runtime.lean import load_lean_model
+
+        model, report = load_lean_model(directory, variant, RuntimeConfig.from_dict(runtime))
+        return model, {} if report is None else {"summary": report.summary(), "table": report.table()}
     if variant == "dense":
         from sparsetorch.formats.pruned import load_pruned
 
@@ -69,30 +92,54 @@ def linear_seconds(model: nn.Module):
             handle.remove()
 
 
-def _prefill_ids(tokenizer, tokens: int) -> Tensor:
-    """The first `tokens` tokens of the held-out plays, from a slice of the text: tokenizing all
-    of it would add tens of MB to the peak RSS this worker reports."""
-    from sparsetorch.data import demo_text, evaluation_windows
+def _tokenizer(directory: Path, decoder: str) -> Callable[[str, bool], list[int]]:
+    """encode(text, special_tokens) -> ids: the `tokenizers` file for 'lean', else AutoTokenizer (the
+    same tokenizer.json; AutoTokenizer only adds transformers' import to the process)."""
+    if decoder == "lean":
+        from tokenizers import Tokenizer
 
-    text = demo_text(fetch=False).evaluation
-    return evaluation_windows(tokenizer, text[: 16 * tokens], tokens, tokens)[:1]  # (1, tokens)
-
-
-def run(directory: Path, variant: str, prefill_tokens: int, decode_tokens: int, repeats: int, runtime: dict) -> dict:
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        return lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids
     from transformers import AutoTokenizer
 
+    auto = AutoTokenizer.from_pretrained(directory)
+    return lambda text, special: auto(text, add_special_tokens=special)["input_ids"]
+
+
+def _prefill_ids(encode: Callable[[str, bool], list[int]], tokens: int) -> Tensor:
+    """The first `tokens` tokens of the held-out plays, from a slice of the text: tokenizing all
+    of it would add tens of MB to the peak RSS this worker reports."""
+    from sparsetorch.data import demo_text
+
+    ids = encode(demo_text(fetch=False).evaluation[: 16 * tokens], False)[:tokens]
+    if len(ids) < tokens:
+        raise ValueError(f"the evaluation text gave {len(ids)} tokens, {tokens} asked for; lower --prefill-tokens")
+    return torch.tensor([ids])  # (1, tokens)
+
+
+def token_ids(directory: Path, decoder: str, prefill_tokens: int) -> dict[str, list[int]]:
+    """The prompt's ids and the prefill's ids, as `run` takes them (`bench` makes them once, in the
+    parent, so that no worker's peak RSS holds a tokenizer and the text)."""
+    encode = _tokenizer(directory, resolve_decoder(directory, decoder))
+    return {"prompt": encode(PROMPT, True), "prefill": _prefill_ids(encode, prefill_tokens)[0].tolist()}
+
+
+def run(directory: Path, variant: str, prefill_tokens: int, decode_tokens: int, repeats: int, runtime: dict,
+        decoder: str = "auto", ids: dict[str, list[int]] | None = None) -> dict:
+    decoder = resolve_decoder(directory, decoder)
     started = time.perf_counter()
-    model, info = _load(directory, variant, runtime)
+    model, info = _load(directory, variant, runtime, decoder)
     load_seconds = time.perf_counter() - started
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    prefill = measure_prefill(model, _prefill_ids(tokenizer, prefill_tokens), repeats)
+    ids = ids or token_ids(directory, decoder, prefill_tokens)
+    prompt = torch.tensor([ids["prompt"]])  # (1, T)
+    prefill = measure_prefill(model, torch.tensor([ids["prefill"][:prefill_tokens]]), repeats)
     ids, _ = greedy_decode(model, prompt, decode_tokens)  # warm-up, and the tokens to compare
     decode = [greedy_decode(model, prompt, decode_tokens)[1] for _ in range(repeats)]
     with linear_seconds(model) as inside:
         _, instrumented = greedy_decode(model, prompt, decode_tokens)
     return {
         "variant": variant,
+        "decoder": decoder,
         "load_seconds": load_seconds,
         "prefill_seconds": list(prefill.seconds),
         "prefill_tokens": prefill.tokens,
@@ -103,6 +150,7 @@ def run(directory: Path, variant: str, prefill_tokens: int, decode_tokens: int, 
         "peak_rss_bytes": peak_rss_bytes(),
         "weight_bytes": weight_bytes(model),
         "threads": torch.get_num_threads(),
+        "transformers_imported": "transformers" in sys.modules,
         **info,
     }
 
@@ -115,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runtime", default="{}", help="RuntimeConfig as JSON")
+    parser.add_argument("--decoder", choices=DECODERS, default="auto",
+                        help="lean: sparsetorch's own Llama-family decoder, no transformers; auto: lean where it runs")
+    parser.add_argument("--ids", type=Path, help="JSON of `token_ids` (default: tokenize in this process)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    fix_mmap_threshold()  # both variants alike: freed loading temporaries must not count as peak RSS
     result = run(args.directory, args.variant, args.prefill_tokens, args.decode_tokens, args.repeats,
-                 json.loads(args.runtime))
+                 json.loads(args.runtime), args.decoder, json.loads(args.ids.read_text()) if args.ids else None)
     args.out.write_text(json.dumps(result))
     return 0
 

@@ -2,7 +2,8 @@
 
 Dense and sparse models go through the very same loop, so their ratio measures the
 weights, not the harness. The loop is a plain KV-cache decode (no sampling, no
-`generate` bookkeeping), which is also what a lean server would run.
+`generate` bookkeeping), which is also what a lean server would run. It drives a
+transformers model or a `runtime.lean.LeanLlama` (anything with `new_cache`) alike.
 """
 
 from __future__ import annotations
@@ -35,20 +36,41 @@ def _last_logits_only(model: nn.Module) -> dict:
     return {"logits_to_keep": 1} if accepts else {}
 
 
+def _is_lean(model: nn.Module) -> bool:
+    return hasattr(model, "new_cache")  # sparsetorch.runtime.lean.LeanLlama
+
+
+def _start(model: nn.Module, prompt: Tensor) -> tuple[Tensor, object]:
+    """Prefill for generation: (the last position's logits (B, vocab), the cache to go on from)."""
+    if _is_lean(model):
+        cache = model.new_cache(prompt.shape[0])
+        return model(prompt, cache), cache
+    out = model(input_ids=prompt, use_cache=True, **_last_logits_only(model))
+    return out.logits[:, -1], out.past_key_values
+
+
+def _step(model: nn.Module, token: Tensor, cache: object) -> tuple[Tensor, object]:
+    """One more (B, 1) token after `cache`: (its logits (B, vocab), the cache)."""
+    if _is_lean(model):
+        return model(token, cache), cache
+    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1], out.past_key_values
+
+
 @torch.inference_mode()
 def greedy_decode(model: nn.Module, prompt: Tensor, new_tokens: int) -> tuple[Tensor, float]:
-    """Greedy continuation of a (1, T) prompt.
+    """Greedy continuation of a (1, T) prompt, by a transformers model or a LeanLlama.
 
     Returns:
         (the new_tokens generated ids, seconds spent after the prompt's prefill).
     """
-    out = model(input_ids=prompt, use_cache=True, **_last_logits_only(model))
-    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
+    logits, cache = _start(model, prompt)
+    token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
     generated = [token]
     started = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        logits, cache = _step(model, token, cache)
+        token = logits.argmax(dim=-1, keepdim=True)
         generated.append(token)
     seconds = time.perf_counter() - started
     return torch.cat(generated, dim=1)[0], seconds
@@ -70,9 +92,9 @@ def measure_decode(model: nn.Module, prompt: Tensor, new_tokens: int = 128, repe
 
 @torch.inference_mode()
 def _prefill_seconds(model: nn.Module, ids: Tensor) -> float:
-    last_only = _last_logits_only(model)
+    options = {} if _is_lean(model) else {"use_cache": False, **_last_logits_only(model)}  # lean: no cache, last logits
     started = time.perf_counter()
-    model(input_ids=ids, use_cache=False, **last_only)
+    model(ids, **options)
     return time.perf_counter() - started
 
 

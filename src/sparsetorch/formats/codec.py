@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = ["CODECS", "decode", "decode_stream", "dtype_from_name", "encode"]
 
 CODECS: tuple[str, ...] = ("zstd", "none")
+_SLICE = 1 << 20  # bytes of one plane decoded at a time
 _ZSTD_LEVEL = 3
 
 
@@ -65,8 +66,9 @@ def _fill(reader, buffer: memoryview) -> int:
 
 
 def decode_stream(source, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    """Inverse of `encode`, reading the zstd data from `source` (a file-like object or a buffer) one
-    byte plane at a time, so memory holds the result and one plane, never the whole encoded blob.
+    """Inverse of `encode`, reading the zstd data from `source` (a file-like object or a buffer) in
+    slices of one byte plane, so memory holds the result and a 1 MiB slice, never the encoded blob
+    or a whole plane (a plane of SmolLM2's embedding is 28 MB, the largest transient of a load).
 
     Raises:
         ValueError: the data is damaged (checksum) or does not hold `shape` values of `dtype`.
@@ -75,15 +77,17 @@ def decode_stream(source, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
     itemsize = torch.empty((), dtype=dtype).element_size()
     count = math.prod(shape)
     values = torch.empty(count, itemsize, dtype=torch.uint8)  # (values, bytes): plane k is column k
-    plane = np.empty(count, dtype=np.uint8)
+    piece = np.empty(max(1, min(count, _SLICE)), dtype=np.uint8)
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=False)
         for k in range(itemsize):
-            filled = _fill(reader, memoryview(plane))
-            if filled != count:
-                raise ValueError(f"zstd data holds {k * count + filled} bytes, expected {count * itemsize} "
-                                 f"for {dtype} {list(shape)}")
-            values[:, k] = torch.from_numpy(plane)
+            for start in range(0, count, len(piece)):
+                size = min(len(piece), count - start)
+                filled = _fill(reader, memoryview(piece)[:size])
+                if filled != size:
+                    raise ValueError(f"zstd data holds {k * count + start + filled} bytes, expected "
+                                     f"{count * itemsize} for {dtype} {list(shape)}")
+                values[start:start + size, k] = torch.from_numpy(piece[:size])
         if reader.read(1):  # also where zstd checks the frame's checksum
             raise ValueError(f"zstd data holds more than the {count * itemsize} bytes of {dtype} {list(shape)}")
     except zstandard.ZstdError as err:

@@ -8,9 +8,7 @@ read and decoded one at a time, so peak memory is the sparse model plus one laye
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,10 +20,11 @@ from sparsetorch.formats.checkpoint import COMPRESSED_DIR, CompressedReader, Cor
 from sparsetorch.nn import SparseLinear
 from sparsetorch.runtime.config import RuntimeConfig
 from sparsetorch.runtime.decide import TimingCache, decide_layer
+from sparsetorch.runtime.malloc import give_back_free_memory
 from sparsetorch.runtime.report import CompileReport
 from sparsetorch.runtime.timing import MedianTimer, Timer
 
-__all__ = ["load_sparse_model"]
+__all__ = ["assign_weights", "load_sparse_model"]
 
 
 def _skeleton(directory: Path) -> nn.Module:
@@ -55,25 +54,6 @@ def _computed_buffers(model: nn.Module) -> None:
         model._init_weights(owner)
 
 
-@functools.cache
-def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def _give_back_free_memory() -> None:
-    """Return freed heap pages to the OS (glibc). Building a layer makes and drops temporaries of a
-    few MB between the tensors that stay; glibc would keep those pages, and resident memory would
-    grow by several times the model's size over a load."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def _read_bitmask(reader: CompressedReader, prefix: str) -> BitmaskTensor:
     parts = {key: reader.tensor(f"{prefix}.{key}") for key in BITMASK_KEYS}
     try:
@@ -82,7 +62,13 @@ def _read_bitmask(reader: CompressedReader, prefix: str) -> BitmaskTensor:
         raise CorruptFileError(f"{reader.path}: {err}") from None
 
 
-def _load_dense(model: nn.Module, state: dict[str, Tensor], tied: dict[str, str], directory: Path) -> None:
+def assign_weights(model: nn.Module, state: dict[str, Tensor], tied: dict[str, str], directory: Path) -> None:
+    """Fill a meta-device skeleton with `state` (tensors taken as they are, no copy), tie its weights
+    (`tied`: alias -> stored name) and compute the buffers no file stores.
+
+    Raises:
+        CorruptFileError: a parameter got no weight: the file does not match config.json.
+    """
     for alias, name in tied.items():
         if name in state:
             state.setdefault(alias, state[name])
@@ -94,8 +80,8 @@ def _load_dense(model: nn.Module, state: dict[str, Tensor], tied: dict[str, str]
         raise CorruptFileError(f"{directory}: no weights stored for {empty[:5]}; the file does not match config.json")
 
 
-def load_sparse_model(directory: str | Path, config: RuntimeConfig | None = None,
-                      timer: Timer | None = None) -> tuple[nn.Module, CompileReport]:
+def load_sparse_model(directory: str | Path, config: RuntimeConfig | None = None, timer: Timer | None = None,
+                      skeleton: Callable[[Path], nn.Module] = _skeleton) -> tuple[nn.Module, CompileReport]:
     """A pruned model from `directory` (a `sparsetorch prune` output or its `compressed/`), with
     its sparse layers as SparseLinear built from the stored bitmasks, no dense copy on the way.
 
@@ -103,6 +89,8 @@ def load_sparse_model(directory: str | Path, config: RuntimeConfig | None = None
         config: as for `runtime.compile`; policy 'always' turns every stored sparse layer into a
             SparseLinear; 'measure' (default) keeps a layer dense where dense measured faster.
         timer: as for `runtime.compile`.
+        skeleton: builds the model of a directory's config.json on the meta device; the default is
+            transformers' (`AutoModelForCausalLM`), `runtime.lean.lean_skeleton` needs no transformers.
 
     Returns:
         (the model in eval mode, the CompileReport of its layers).
@@ -118,10 +106,10 @@ def load_sparse_model(directory: str | Path, config: RuntimeConfig | None = None
     inner = directory / COMPRESSED_DIR if (directory / COMPRESSED_DIR).is_dir() else directory
     config = config or RuntimeConfig()
     with open_compressed(inner) as reader:
-        model = _skeleton(inner)
+        model = skeleton(inner)
         decisions, state, used = _sparse_layers(model, reader, config, timer)
         state.update({key: reader.tensor(key) for key in reader.keys() if key not in used})
-        _load_dense(model, state, reader.tied, inner)
+        assign_weights(model, state, reader.tied, inner)
     return model.eval(), CompileReport(tuple(decisions), config)
 
 
@@ -149,5 +137,5 @@ def _sparse_layers(model: nn.Module, reader: CompressedReader, config: RuntimeCo
             used.add(bias_key)
             model.set_submodule(prefix, SparseLinear(weight, bias, config.backend))
         decisions.append(decision)
-        _give_back_free_memory()
+        give_back_free_memory()  # a layer's decoding temporaries: several times the model's size over a load
     return decisions, state, used

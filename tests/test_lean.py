@@ -1,0 +1,139 @@
+"""The lean decoder (`runtime/lean.py`) against transformers' own models, dense and sparse."""
+
+import json
+
+import pytest
+import torch
+
+import sparsetorch
+from conftest import calibration_ids
+from sparsetorch.evaluate.speed import greedy_decode
+from sparsetorch.formats.pruned import load_pruned, save_pruned
+from sparsetorch.nn import SparseLinear
+from sparsetorch.runtime import RuntimeConfig
+from sparsetorch.runtime.lean import LeanConfig, lean_supports, load_lean_model
+
+SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+FAMILIES = {
+    "llama-gqa-untied": ("llama", dict(num_key_value_heads=2)),
+    "llama-gqa-tied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama-mha-biases-theta": ("llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+                                             head_dim=8, rope_theta=500000.0)),
+    "mistral": ("mistral", dict(num_key_value_heads=1)),
+    "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def hf_model(family: str, **options):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, **{**SHAPE, **options})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # random norms and biases, so that getting them wrong shows
+            if name.endswith(("bias", "norm.weight")):
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def saved(request, tmp_path_factory):
+    family, options = FAMILIES[request.param]
+    torch.manual_seed(0)
+    model = hf_model(family, **options)
+    path = tmp_path_factory.mktemp("lean") / request.param
+    model.save_pretrained(path)
+    return model, path
+
+
+def test_prefill_and_every_decode_step_match_transformers(saved):
+    hf, path = saved
+    lean, report = load_lean_model(path)
+    assert report is None and not any(p.is_meta for p in lean.parameters())
+    prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    tokens, _ = greedy_decode(hf, prompt, 16)
+    assert torch.equal(greedy_decode(lean, prompt, 16)[0], tokens)
+    with torch.no_grad():
+        reference = hf(torch.cat([prompt[0], tokens[:-1]])[None]).logits[0]  # (7 + 15, vocab)
+    atol = 1e-5 * reference.abs().max().item()
+    cache = lean.new_cache(capacity=4)  # grows twice on the way
+    logits = [lean(prompt, cache)] + [lean(token.view(1, 1), cache) for token in tokens[:-1]]
+    for step, got in enumerate(logits):
+        torch.testing.assert_close(got[0], reference[6 + step], rtol=0, atol=atol)
+    assert cache.length == 22 and cache.capacity == 32
+
+
+def test_a_chunk_after_a_cache_sees_the_cache_and_itself(saved):
+    hf, path = saved
+    lean, _ = load_lean_model(path)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = hf(ids).logits
+    cache = lean.new_cache(batch=2)
+    lean(ids[:, :4], cache)
+    atol = 1e-5 * reference.abs().max().item()
+    torch.testing.assert_close(lean(ids[:, 4:], cache), reference[:, -1], rtol=0, atol=atol)
+    torch.testing.assert_close(lean(ids), reference[:, -1], rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = hf_model("llama", num_key_value_heads=2, tie_word_embeddings=True)
+    report = sparsetorch.prune(model, calibration_ids(), method="wanda", pattern="unstructured", sparsity=0.7)
+    return save_pruned(model, tmp_path_factory.mktemp("lean-pruned") / "70", report)
+
+
+def test_sparse_weights_in_the_lean_decoder_give_the_dense_tokens(pruned_dir):
+    prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    dense, _ = load_lean_model(pruned_dir, "dense")
+    sparse, report = load_lean_model(pruned_dir, "sparse", RuntimeConfig(policy="always"))
+    assert len(report.replaced) == sum(isinstance(m, SparseLinear) for m in sparse.modules()) == 14
+    assert sparse.lm_head.weight is sparse.model.embed_tokens.weight
+    tokens = greedy_decode(load_pruned(pruned_dir), prompt, 16)[0]
+    assert torch.equal(greedy_decode(dense, prompt, 16)[0], tokens)
+    assert torch.equal(greedy_decode(sparse, prompt, 16)[0], tokens)
+    torch.testing.assert_close(sparse(prompt), dense(prompt), rtol=1e-4, atol=1e-5)
+
+
+def write_config(tmp_path, **fields):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SHAPE, **fields}))
+    return tmp_path
+
+
+def test_families_and_features_it_does_not_run_are_refused_with_the_way_out(tmp_path):
+    with pytest.raises(NotImplementedError, match=r"runs model_type .*'llama'.*not 'gpt2'; use decoder='transformers'"):
+        LeanConfig.from_directory(write_config(tmp_path, model_type="gpt2"))
+    with pytest.raises(NotImplementedError, match="rope type 'default', not 'linear'"):
+        LeanConfig.from_directory(write_config(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    with pytest.raises(NotImplementedError, match="hidden_act 'silu', not 'gelu'"):
+        LeanConfig.from_directory(write_config(tmp_path, hidden_act="gelu"))
+    with pytest.raises(NotImplementedError, match="no sliding-window attention"):
+        LeanConfig.from_directory(write_config(tmp_path, model_type="qwen2", use_sliding_window=True))
+    assert not lean_supports(tmp_path) and not lean_supports(tmp_path / "missing")
+    assert lean_supports(write_config(tmp_path, rope_scaling=None, rope_theta=1e4))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        load_lean_model(tmp_path, "bitmask")
+
+
+def test_a_sequence_past_the_sliding_window_is_refused(tmp_path):
+    from sparsetorch.runtime.lean import LeanLlama
+
+    model = LeanLlama(LeanConfig.from_dict({"model_type": "mistral", **SHAPE, "sliding_window": 8}))
+    model(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"9 tokens exceed the sliding window \(8\)"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_the_bundled_model_decodes_the_same_tokens_as_transformers():
+    from sparsetorch.models import bundled_gguf, load_model
+
+    try:
+        bundled_gguf()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    model, tokenizer, path = load_model(None, progress=False)
+    prompt = tokenizer("ROMEO.\nBut soft, what light through yonder window breaks?\n", return_tensors="pt")["input_ids"]
+    lean, _ = load_lean_model(path)
+    assert torch.equal(greedy_decode(lean, prompt, 16)[0], greedy_decode(model, prompt, 16)[0])
