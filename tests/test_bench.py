@@ -81,3 +81,12 @@ def test_bench_config_validates():
         BenchConfig(decode_tokens=1)
     with pytest.raises(ValueError, match="decoder must be one of"):
         BenchConfig(decoder="vllm")
+
+
+def test_lean_decoder_refuses_an_unsupported_family_with_one_message(tmp_path):
+    from sparsetorch.evaluate.bench_worker import resolve_decoder
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert resolve_decoder(tmp_path, "auto") == "transformers"
+    with pytest.raises(ValueError, match="decoder 'lean': the lean decoder runs model_type"):
+        resolve_decoder(tmp_path, "lean")

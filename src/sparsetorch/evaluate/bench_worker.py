@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from sparsetorch.evaluate.memory import peak_rss_bytes
 from sparsetorch.evaluate.speed import greedy_decode, measure_prefill
@@ -38,10 +38,15 @@ def resolve_decoder(directory: Path, decoder: str) -> str:
     """'lean' or 'transformers': 'auto' is lean wherever `runtime.lean` runs the model's family."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    if decoder == "auto":
-        from sparsetorch.runtime.lean import lean_supports
+    from sparsetorch.runtime.lean import LeanConfig, lean_supports
 
+    if decoder == "auto":
         return "lean" if lean_supports(directory) else "transformers"
+    if decoder == "lean":
+        try:
+            LeanConfig.from_directory(directory)
+        except NotImplementedError as err:
+            raise ValueError(f"decoder 'lean': {err}") from None
     return decoder
 
 
@@ -98,7 +103,10 @@ def _tokenizer(directory: Path, decoder: str) -> Callable[[str, bool], list[int]
     if decoder == "lean":
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        path = directory / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; the bench needs the model's tokenizer next to its weights")
+        tokenizer = Tokenizer.from_file(str(path))
         return lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids
     from transformers import AutoTokenizer
 
@@ -106,7 +114,7 @@ def _tokenizer(directory: Path, decoder: str) -> Callable[[str, bool], list[int]
     return lambda text, special: auto(text, add_special_tokens=special)["input_ids"]
 
 
-def _prefill_ids(encode: Callable[[str, bool], list[int]], tokens: int) -> Tensor:
+def _prefill_ids(encode: Callable[[str, bool], list[int]], tokens: int) -> list[int]:
     """The first `tokens` tokens of the held-out plays, from a slice of the text: tokenizing all
     of it would add tens of MB to the peak RSS this worker reports."""
     from sparsetorch.data import demo_text
@@ -114,14 +122,14 @@ def _prefill_ids(encode: Callable[[str, bool], list[int]], tokens: int) -> Tenso
     ids = encode(demo_text(fetch=False).evaluation[: 16 * tokens], False)[:tokens]
     if len(ids) < tokens:
         raise ValueError(f"the evaluation text gave {len(ids)} tokens, {tokens} asked for; lower --prefill-tokens")
-    return torch.tensor([ids])  # (1, tokens)
+    return ids
 
 
 def token_ids(directory: Path, decoder: str, prefill_tokens: int) -> dict[str, list[int]]:
     """The prompt's ids and the prefill's ids, as `run` takes them (`bench` makes them once, in the
     parent, so that no worker's peak RSS holds a tokenizer and the text)."""
     encode = _tokenizer(directory, resolve_decoder(directory, decoder))
-    return {"prompt": encode(PROMPT, True), "prefill": _prefill_ids(encode, prefill_tokens)[0].tolist()}
+    return {"prompt": encode(PROMPT, True), "prefill": _prefill_ids(encode, prefill_tokens)}
 
 
 def run(directory: Path, variant: str, prefill_tokens: int, decode_tokens: int, repeats: int, runtime: dict,
@@ -133,7 +141,7 @@ def run(directory: Path, variant: str, prefill_tokens: int, decode_tokens: int, 
     ids = ids or token_ids(directory, decoder, prefill_tokens)
     prompt = torch.tensor([ids["prompt"]])  # (1, T)
     prefill = measure_prefill(model, torch.tensor([ids["prefill"][:prefill_tokens]]), repeats)
-    ids, _ = greedy_decode(model, prompt, decode_tokens)  # warm-up, and the tokens to compare
+    generated, _ = greedy_decode(model, prompt, decode_tokens)  # warm-up, and the tokens to compare
     decode = [greedy_decode(model, prompt, decode_tokens)[1] for _ in range(repeats)]
     with linear_seconds(model) as inside:
         _, instrumented = greedy_decode(model, prompt, decode_tokens)
@@ -146,7 +154,7 @@ def run(directory: Path, variant: str, prefill_tokens: int, decode_tokens: int, 
         "decode_seconds": decode,
         "decode_tokens": decode_tokens - 1,
         "linear_share": inside[0] / instrumented,
-        "generated": ids.tolist(),
+        "generated": generated.tolist(),
         "peak_rss_bytes": peak_rss_bytes(),
         "weight_bytes": weight_bytes(model),
         "threads": torch.get_num_threads(),

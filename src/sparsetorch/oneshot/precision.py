@@ -16,8 +16,7 @@ for Wanda at 2:4 (benchmarks/RESULTS.md), so the default is the model's own dtyp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -36,7 +35,7 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def calibration_dtype(model: nn.Module, choice: str = "auto") -> torch.dtype:
+def calibration_dtype(model: nn.Module, choice: str = "model") -> torch.dtype:
     """The dtype the calibration matmuls of `model` will run in for `choice`.
 
     Example:
@@ -57,7 +56,7 @@ def calibration_dtype(model: nn.Module, choice: str = "auto") -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and has_native_bf16() else dtype
 
 
-def calibration_precision(model: nn.Module, choice: str = "auto"):
+def calibration_precision(model: nn.Module, choice: str = "model"):
     """A context for the calibration forwards of `model`: bf16 autocast, or nothing."""
     device, dtype = _device_and_dtype(model)
     target = calibration_dtype(model, choice)
@@ -66,8 +65,6 @@ def calibration_precision(model: nn.Module, choice: str = "auto"):
     return torch.autocast(device_type=device.type, dtype=target)
 
 
-@contextmanager
-def full_precision(device: torch.device) -> Iterator[None]:
+def full_precision(device: torch.device) -> torch.autocast:
     """Autocast off: solvers run in the weights' own dtype even inside a calibration forward."""
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
+    return torch.autocast(device_type=device.type, enabled=False)

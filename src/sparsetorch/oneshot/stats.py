@@ -7,6 +7,8 @@ of every input column, SparseGPT the Gram matrix X^T X.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -55,8 +57,9 @@ class Gram(Statistic):
     is mirrored in on first read. Inside a bf16-autocast calibration forward
     (`precision.py`) each batch's product runs in bf16 (fp32 accumulation inside the
     matmul, over twice as fast) and is added to the fp32 sum: a batch of 2,048 tokens
-    rounds each entry by at most 2^-9 of its size, far below the 1% dampening. Solvers may memoize derived matrices (SparseGPT's
-    inverse factor) in `cache`, so layers that share an input (q/k/v) share that too.
+    rounds each entry by at most 2^-9 of its size. Solvers may memoize derived matrices
+    (SparseGPT's inverse factor) in `cache`, so layers that share an input (q/k/v) share
+    that too.
     """
 
     BANDS = 4
@@ -65,22 +68,20 @@ class Gram(Statistic):
         super().__init__(columns)
         self._upper = torch.zeros(columns, columns, dtype=torch.float32)
         self._full: Tensor | None = None
-        self._edges = [round(i * columns / self.BANDS) for i in range(self.BANDS + 1)]
+        edges = [round(i * columns / self.BANDS) for i in range(self.BANDS + 1)]
+        self._bands = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]  # row ranges
         self.cache: dict = {}
 
     def _add(self, rows: Tensor) -> None:
         device = rows.device.type
         if torch.is_autocast_enabled(device):
             low = rows.to(torch.get_autocast_dtype(device))
-            for lo, hi in self._bands():
+            for lo, hi in self._bands:
                 self._upper[lo:hi, lo:] += low[:, lo:hi].t() @ low[:, lo:]
         else:
-            for lo, hi in self._bands():  # (hi-lo, tokens) @ (tokens, in-lo): band of the upper triangle
+            for lo, hi in self._bands:  # (hi-lo, tokens) @ (tokens, in-lo): band of the upper triangle
                 self._upper[lo:hi, lo:].addmm_(rows[:, lo:hi].t(), rows[:, lo:])
         self._full = None
-
-    def _bands(self) -> list[tuple[int, int]]:
-        return [(lo, hi) for lo, hi in zip(self._edges[:-1], self._edges[1:]) if hi > lo]
 
     @property
     def value(self) -> Tensor:
