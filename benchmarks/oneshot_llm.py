@@ -40,6 +40,22 @@ CONFIGS = [  # (method, pattern label, our pattern, llm-compressor mask_structur
 ]
 
 
+# sparsetorch's variants, LAYER_INPUTS:CALIB_DTYPE: the default (the papers' and llm-compressor's
+# statistics), bf16 statistics forwards, 'mixed' with bf16 statistics, and the single pass.
+VARIANTS = ("dense:model", "dense:bfloat16", "mixed:bfloat16", "pruned:model")
+
+
+def _variant(text: str) -> str:
+    from sparsetorch import PruneConfig
+
+    layer_inputs, _, calib_dtype = text.partition(":")
+    try:
+        PruneConfig(layer_inputs=layer_inputs, calib_dtype=calib_dtype or "model")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return f"{layer_inputs}:{calib_dtype or 'model'}"
+
+
 @dataclass
 class Run:
     tool: str
@@ -99,7 +115,7 @@ def _version(python: Path, package: str) -> str:
 
 def _ours(method: str, label: str, pattern: str, layer_inputs: str, calibration: Path, calib_dtype: str) -> Run:
     tag = f"{method}-{pattern.replace(':', 'of')}-{layer_inputs}-{calib_dtype}"
-    precision = "" if calib_dtype == "model" else f", {calib_dtype} calibration"
+    precision = "" if calib_dtype == "model" else f", {calib_dtype} statistics"
     tool = "sparsetorch" if method == "magnitude" else f"sparsetorch ({layer_inputs} inputs{precision})"
     run = Run(tool, method, label, WORK / f"ours-{tag}.safetensors")
     print(f"{tool} {method} {label} ...", flush=True)
@@ -111,12 +127,12 @@ def _ours(method: str, label: str, pattern: str, layer_inputs: str, calibration:
     return run
 
 
-def prune_all(calibration: Path, ref_python: Path | None, model_dir: Path, layer_inputs: list[str],
-              calib_dtype: str) -> list[Run]:
+def prune_all(calibration: Path, ref_python: Path | None, model_dir: Path, variants: list[str]) -> list[Run]:
     runs = []
     for method, label, ours, theirs in CONFIGS:
-        for mode in layer_inputs[:1] if method == "magnitude" else layer_inputs:
-            runs.append(_ours(method, label, ours, mode, calibration, calib_dtype))
+        for variant in ["dense:model"] if method == "magnitude" else variants:  # magnitude uses no calibration
+            layer_inputs, calib_dtype = variant.split(":")
+            runs.append(_ours(method, label, ours, layer_inputs, calibration, calib_dtype))
         if theirs is None or ref_python is None:
             continue
         tag = f"{method}-{ours.replace(':', 'of')}"
@@ -196,10 +212,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens (default: 16384)")
-    parser.add_argument("--layer-inputs", nargs="+", default=["dense", "pruned"], choices=["dense", "pruned"],
-                        help="sparsetorch layer_inputs modes to run for Wanda and SparseGPT (default: both)")
-    parser.add_argument("--calib-dtype", default="model", choices=["model", "bfloat16", "auto"],
-                        help="sparsetorch's calibration precision (default: model, i.e. fp32)")
+    parser.add_argument("--variants", nargs="+", type=_variant, default=list(VARIANTS),
+                        help="sparsetorch runs for Wanda and SparseGPT, as LAYER_INPUTS:CALIB_DTYPE "
+                             f"(default: {' '.join(VARIANTS)})")
     parser.add_argument("--reference-python", help="python of an existing llm-compressor 0.14 environment")
     parser.add_argument("--skip-reference", action="store_true", help="run sparsetorch only")
     parser.add_argument("--no-append", action="store_true", help="print the table, do not append to RESULTS.md")
@@ -220,7 +235,7 @@ def main() -> None:
     torch.save(calibration_windows(tokenizer, split.calibration, args.samples, args.seqlen, seed=0), calibration)
     windows = evaluation_windows(tokenizer, split.evaluation, args.eval_tokens, args.seqlen)
     ref_python = None if args.skip_reference else reference_python(args.reference_python)
-    runs = prune_all(calibration, ref_python, model_dir, args.layer_inputs, args.calib_dtype)
+    runs = prune_all(calibration, ref_python, model_dir, args.variants)
     dense = evaluate_all(runs, windows)
     table = tables(runs, dense)
     import transformers
@@ -246,8 +261,10 @@ def main() -> None:
         "llm-compressor's magnitude modifier is a training-time schedule with no one-shot counterpart, so "
         "magnitude has no reference row. `layer_inputs`: 'dense' (the default) calibrates every layer of a block "
         "on the dense block's activations, as the Wanda and SparseGPT papers and llm-compressor do (a statistics "
-        "pass, then a pass of the pruned block for the next block's inputs); 'pruned' calibrates each layer on "
-        "the outputs of the already-pruned layers before it, in a single pass.",
+        "pass, then a pass of the pruned block for the next block's inputs); 'mixed' does the same except for "
+        "the block's last layer (down_proj), calibrated inside the pruned block's pass; 'pruned' calibrates each "
+        "layer on the outputs of the already-pruned layers before it, in a single pass. 'bfloat16 statistics': "
+        "the statistics pass runs in bf16 autocast, the pass that feeds the next block in fp32.",
         "",
     ])
     publish([section], append=not args.no_append)

@@ -108,21 +108,44 @@ def test_dense_layer_inputs_come_from_the_dense_block_after_pruned_blocks():
             assert torch.equal(expected[name], report.masks[name]), name
 
 
+def test_mixed_layer_inputs_calibrate_only_the_last_layer_on_pruned_inputs():
+    """With layer_inputs='mixed', every layer of block i but its last (down_proj) sees what
+    the still-dense block i computes after the pruned blocks before it; down_proj sees
+    what the pruned block feeds it, which is its input in the finished pruned model."""
+    model = tiny_llama(layers=3)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    original = {n: weight_matrix(m).clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ids = calibration_ids()
+    report = sparsetorch.prune(model, ids, method="wanda", layer_inputs="mixed", batch_size=3, progress=False)
+    pruned_state = {k: v.clone() for k, v in model.state_dict().items()}
+    downs = [n for n in report.masks if n.endswith("down_proj")]
+    expected = _wanda_masks_from(_layer_inputs(model, ids), original, downs)
+    for name in downs:
+        assert torch.equal(expected[name], report.masks[name]), name
+    for block in range(3):
+        hybrid = {k: (pruned_state[k] if _block_of(k) < block else dense_state[k]) for k in dense_state}
+        model.load_state_dict(hybrid)
+        names = [n for n in report.masks if _block_of(n) == block and n not in downs]
+        expected = _wanda_masks_from(_layer_inputs(model, ids), original, names)
+        for name in names:
+            assert torch.equal(expected[name], report.masks[name]), name
+
+
 def _block_of(name):
     parts = name.split(".")
     return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1
 
 
-def test_both_layer_input_modes_prune_exactly():
-    for mode in ("dense", "pruned"):
+def test_every_layer_input_mode_prunes_exactly():
+    for mode in ("dense", "pruned", "mixed"):
         report = sparsetorch.prune(tiny_llama(), calibration_ids(), method="sparsegpt", pattern="2:4",
                                    layer_inputs=mode, progress=False)
         assert all(layer.sparsity == 0.5 for layer in report.layers.values())
-    with pytest.raises(ValueError, match=r"layer_inputs must be one of \['dense', 'pruned'\]"):
+    with pytest.raises(ValueError, match=r"layer_inputs must be one of \['dense', 'pruned', 'mixed'\]"):
         sparsetorch.PruneConfig(layer_inputs="both")
 
 
-@pytest.mark.parametrize("mode", ["dense", "pruned"])
+@pytest.mark.parametrize("mode", ["dense", "pruned", "mixed"])
 def test_results_do_not_depend_on_the_batch_size(mode):
     weights = []
     for batch_size in (1, 3, 8):

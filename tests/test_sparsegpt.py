@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparsetorch.oneshot.sparsegpt import sparsegpt_prune
+from sparsetorch.oneshot.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from sparsetorch.patterns import NM, Block, Unstructured, prune_count
 from sparsetorch.scores import magnitude_scores, wanda_scores
 
@@ -100,3 +100,12 @@ def test_layers_sharing_an_input_give_the_same_result_stacked(pattern, sparsity)
         alone, alone_keep = sparsegpt_prune(weight, gram, pattern, sparsity, block_size=8)
         assert torch.equal(keep, alone_keep)
         torch.testing.assert_close(pruned, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    x = _calibration(cols=48)
+    gram = x.t() @ x
+    U = inverse_hessian_factor(gram, 0.01).double()
+    damped = gram.double() + 0.01 * gram.diagonal().double().mean() * torch.eye(48, dtype=torch.float64)
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    torch.testing.assert_close(U.t() @ U, torch.linalg.inv(damped), rtol=1e-5, atol=1e-9)

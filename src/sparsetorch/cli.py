@@ -49,6 +49,8 @@ def _add_data_options(parser: argparse.ArgumentParser, calibration: bool, evalua
 
 
 def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> None:
+    from sparsetorch.oneshot.calibrate import LAYER_INPUTS
+    from sparsetorch.oneshot.precision import CALIB_DTYPES
     from sparsetorch.oneshot.solvers import SOLVERS
 
     group = parser.add_argument_group("pruning")
@@ -62,15 +64,18 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
                        help="modules to prune: names, class names or 're:<regex>' (default: every Linear)")
     group.add_argument("--ignore", nargs="+", default=["lm_head"], help="modules to keep dense (default: lm_head)")
     group.add_argument("--blocks", help="dotted path of the decoder-block list, for model families sparsetorch does not know")
-    group.add_argument("--layer-inputs", choices=["dense", "pruned"], default="dense",
-                       help="calibrate each layer on the dense block's activations (two passes per block, the papers' "
-                            "way) or on the outputs of the already-pruned layers before it (one pass; faster, "
-                            "lower quality at 2:4). Default: dense")
-    group.add_argument("--calib-dtype", choices=["model", "bfloat16", "auto"], default="model",
-                       help="precision of the calibration forwards: 'model' keeps the model's dtype; 'bfloat16' "
-                            "runs an fp32 model's matmuls in bf16 autocast, over twice as fast on AVX512-BF16/AMX "
-                            "CPUs but measured 1.5-4%% worse perplexity for SparseGPT and 2:4 (benchmarks/RESULTS.md); "
-                            "'auto' uses bf16 only where the hardware multiplies it natively. Default: model")
+    group.add_argument("--layer-inputs", choices=list(LAYER_INPUTS), default="dense",
+                       help="'dense': calibrate each layer on the dense block's activations (two passes per block, "
+                            "the papers' way); 'pruned': on the outputs of the already-pruned layers before it (one "
+                            "pass; faster, lower quality at 2:4); 'mixed': 'dense' for all but the block's last "
+                            "layer (the MLP's down projection), which is calibrated inside the pruned block's pass "
+                            "(1.25 passes). Default: dense")
+    group.add_argument("--calib-dtype", choices=list(CALIB_DTYPES), default="model",
+                       help="precision of the forwards that only gather statistics (the dense block's, with "
+                            "--layer-inputs dense or mixed): 'model' keeps the model's dtype; 'bfloat16' runs an "
+                            "fp32 model's matmuls there in bf16 autocast, about twice as fast on AVX512-BF16/AMX "
+                            "CPUs; 'auto' uses bf16 only where the hardware multiplies it natively. The forward "
+                            "that feeds the next block stays in the model's dtype. Default: model")
     group.add_argument("--batch-size", type=int, default=4,
                        help="calibration windows per forward; in the model's dtype results do not depend on it "
                             "(default: 4)")

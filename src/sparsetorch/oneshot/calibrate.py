@@ -1,4 +1,4 @@
-"""Calibrating and pruning the layers of one block: two ways to feed each layer.
+"""Calibrating and pruning the layers of one block: three ways to feed each layer.
 
 `layer_inputs="dense"` (the Wanda and SparseGPT papers' way): one forward of the
 still-dense block gathers every layer's statistic, all layers are pruned, and a second
@@ -11,13 +11,22 @@ batch runs in its own greenlet; before a pending layer every batch adds its inpu
 the layer's statistic and pauses, and once all have paused the layer is pruned and they
 resume. Half the forward work, but measured worse at 2:4 (benchmarks/RESULTS.md).
 
-Layers fed the very same tensor (q/k/v, gate/up) share one statistic in both ways.
+`layer_inputs="mixed"`: every layer as in 'dense' except the block's last layer group
+(an MLP's down projection), which is calibrated as in 'pruned', inside the one forward
+of the pruned block that produces the next block's inputs. The dense forward then stops
+as soon as the input of the last-but-one group is seen, so it never computes the MLP's
+expansion (half of a Llama block's matmul work): 1.25 block forwards instead of 1.75.
+
+Layers fed the very same tensor (q/k/v, gate/up) share one statistic in every way.
+Only the dense block's forwards may run in a lower precision (`statistics_precision`):
+they make statistics only, while the forward that makes the next block's inputs always
+runs in the model's dtype, so rounding never compounds from block to block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,7 +38,7 @@ from sparsetorch.oneshot.stats import Statistic
 
 __all__ = ["LAYER_INPUTS", "calibrate_and_prune"]
 
-LAYER_INPUTS: tuple[str, ...] = ("dense", "pruned")
+LAYER_INPUTS: tuple[str, ...] = ("dense", "pruned", "mixed")
 
 
 class LayerPruner(Protocol):
@@ -47,8 +56,12 @@ def calibrate_and_prune(
     forwards: list[Callable[[], Tensor]],
     pruner: LayerPruner,
     want_outputs: bool = True,
+    statistics_precision: Callable[[], AbstractContextManager] = nullcontext,
 ) -> list[Tensor] | None:
     """Prune every layer in `pending` from calibration batches run by `forwards`.
+
+    `statistics_precision` gives the context the dense block's forwards run in (bf16
+    autocast, say); the pruned block's forward runs outside it.
 
     Returns:
         The outputs of the pruned block per batch (None if not wanted).
@@ -58,8 +71,12 @@ def calibrate_and_prune(
     """
     if layer_inputs == "pruned":
         outputs = _from_pruned_inputs(pending, forwards, pruner, want_outputs)
+    elif layer_inputs == "mixed":
+        _prune_from_dense_block(pending, forwards, pruner, statistics_precision, skip_last=True)
+        outputs = _from_pruned_inputs(pending, forwards, pruner, want_outputs)
     else:
-        outputs = _from_dense_inputs(pending, forwards, pruner, want_outputs)
+        _prune_from_dense_block(pending, forwards, pruner, statistics_precision)
+        outputs = [forward() for forward in forwards] if want_outputs else None
     if pending:
         names = sorted(pruner.names[m] for m in pending)
         raise RuntimeError(f"these target layers never ran during calibration and were not pruned: {names}")
@@ -85,16 +102,35 @@ def _pre_hooks(modules: set[nn.Module], hook: Callable) -> Iterator[None]:
 
 
 class _Collector:
-    """Accumulates each pending layer's statistic over batches of a dense forward."""
+    """Accumulates each pending layer's statistic over batches of a dense forward.
 
-    def __init__(self, pending: set[nn.Module], statistic: type[Statistic]) -> None:
-        self.pending, self.statistic = pending, statistic
+    The first batch runs until every pending layer has been seen, which shows the
+    order of the layer groups. Later batches stop right after the first layer of the
+    last group still wanted: the layers after it in the block need not run. With
+    `skip_last` the block's last group is not wanted (its first-batch statistic is
+    dropped): it is left to the pruned forward.
+    """
+
+    def __init__(self, pending: set[nn.Module], statistic: type[Statistic], skip_last: bool = False) -> None:
+        self.pending, self.statistic, self.skip_last = pending, statistic, skip_last
         self.stats: dict[nn.Module, Statistic] = {}  # insertion order = execution order
         self.last: tuple[Tensor | None, Statistic | None] = (None, None)
         self.seen = 0
+        self.stop_after: nn.Module | None = None  # known after the first batch
 
     def start_batch(self) -> None:
         self.last, self.seen = (None, None), 0
+
+    def end_first_batch(self) -> bool:
+        """Learn where later batches stop; False if no group is wanted from them."""
+        if self.skip_last and self.stats:
+            last_stat = next(reversed(self.stats.values()))
+            self.stats = {m: s for m, s in self.stats.items() if s is not last_stat}
+        if not self.stats:
+            return False
+        last_stat = next(reversed(self.stats.values()))
+        self.stop_after = next(m for m, s in self.stats.items() if s is last_stat)
+        return True
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module not in self.pending:
@@ -108,28 +144,35 @@ class _Collector:
             stat.add_batch(x)
             self.last = (x, stat)
         self.seen += 1
-        if self.seen == len(self.pending):
-            raise Stop  # every input is seen: the rest of the block is not needed
+        if self.seen == len(self.pending) or module is self.stop_after:
+            raise Stop  # every wanted input is seen: the rest of the block is not needed
 
 
-def _from_dense_inputs(
-    pending: set[nn.Module], forwards: list[Callable[[], Tensor]], pruner: LayerPruner, want_outputs: bool
-) -> list[Tensor] | None:
-    collector = _Collector(pending, pruner.statistic)
+def _prune_from_dense_block(
+    pending: set[nn.Module],
+    forwards: list[Callable[[], Tensor]],
+    pruner: LayerPruner,
+    precision: Callable[[], AbstractContextManager],
+    skip_last: bool = False,
+) -> None:
+    """Gather statistics from forwards of the dense block, then prune the layers they cover."""
+    collector = _Collector(pending, pruner.statistic, skip_last)
     with _pre_hooks(set(pending), collector):
-        for forward in forwards:
+        for index, forward in enumerate(forwards):
             collector.start_batch()
             try:
-                forward()
+                with precision():
+                    forward()
             except Stop:
                 pass
+            if index == 0 and not collector.end_first_batch():
+                break
     groups: dict[int, tuple[Statistic, list[nn.Module]]] = {}
     for module, stat in collector.stats.items():  # layers sharing an input are solved together
         groups.setdefault(id(stat), (stat, []))[1].append(module)
     for stat, modules in groups.values():
         pruner.prune_group(modules, stat)
         pending.difference_update(modules)
-    return [forward() for forward in forwards] if want_outputs else None
 
 
 # ---- pruned inputs: one pass, batches in lockstep --------------------------------------

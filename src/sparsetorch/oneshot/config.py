@@ -30,13 +30,17 @@ class PruneConfig:
         blocks: dotted path of the decoder-block ModuleList, for families sparsetorch
             does not know.
         layer_inputs: 'dense' calibrates every layer of a block on the dense block's
-            activations (two forwards per block, the papers' way, best quality) or
-            'pruned' on the outputs of the already-pruned layers before it (one forward).
-        calib_dtype: precision of the calibration forwards: 'model' (default) keeps the
-            model's own dtype; 'bfloat16' runs an fp32 model's matmuls in bf16 autocast,
-            over twice as fast on CPUs with AVX512-BF16 or AMX, at some cost in quality
-            (measured in benchmarks/RESULTS.md); 'auto' picks bf16 only where the hardware
-            multiplies it natively. Solvers and the weights stay fp32.
+            activations (two forwards per block, the papers' way, best quality);
+            'pruned' on the outputs of the already-pruned layers before it (one forward);
+            'mixed' like 'dense' except the block's last layer (the MLP's down
+            projection), calibrated like 'pruned' (1.25 forwards; measured in
+            benchmarks/RESULTS.md: near 'dense' for Wanda, not for SparseGPT).
+        calib_dtype: precision of the forwards that only gather statistics (the dense
+            block's, in 'dense' and 'mixed'): 'model' (default) keeps the model's own
+            dtype; 'bfloat16' runs an fp32 model's matmuls there in bf16 autocast, about
+            twice as fast on CPUs with AVX512-BF16 or AMX; 'auto' picks bf16 only where
+            the hardware multiplies it natively. The forward that makes the next block's
+            inputs, the statistics' sums and the solvers always stay in the model's dtype.
         batch_size: calibration windows per forward. Every layer is still pruned from
             all windows; small batches just run faster on CPU.
         dampening: SparseGPT's Hessian dampening, a fraction of its mean diagonal.
@@ -76,6 +80,11 @@ class PruneConfig:
             raise ValueError(f"layer_inputs must be one of {list(LAYER_INPUTS)}, got {self.layer_inputs!r}")
         if self.calib_dtype not in CALIB_DTYPES:
             raise ValueError(f"calib_dtype must be one of {list(CALIB_DTYPES)}, got {self.calib_dtype!r}")
+        if self.calib_dtype == "bfloat16" and self.layer_inputs == "pruned":
+            raise ValueError(
+                "calib_dtype='bfloat16' applies to the statistics-only forwards of layer_inputs='dense' or "
+                "'mixed'; layer_inputs='pruned' has none (its one forward makes the next block's inputs)"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of windows, got {self.batch_size}")
         if self.block_size < 1:

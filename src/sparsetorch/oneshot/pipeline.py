@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -81,8 +82,7 @@ def prune(
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
                 pruner.prune(module, None)
         else:
-            with calibration_precision(model, config.calib_dtype):
-                _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
+            _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
     return pruner.report(time.perf_counter() - started)
 
 
@@ -161,6 +161,7 @@ def _prune_with_calibration(
     checkpoint: ResumeCheckpoint | None,
 ) -> None:
     chunks = list(calibration.split(config.batch_size))
+    precision = partial(calibration_precision, model, config.calib_dtype)  # statistics forwards only
     blocks = find_blocks(model, config.blocks)
     if blocks is None:
         if config.targets is None:
@@ -170,7 +171,8 @@ def _prune_with_calibration(
                 "targets=[...] (CLI --targets 're:.*mlp.*') to prune chosen layers in one whole-model pass"
             )
         forwards = [model_forward(model, chunk, keep_output=False) for chunk in chunks]
-        calibrate_and_prune(config.layer_inputs, pruner.pending(model), forwards, pruner, want_outputs=False)
+        calibrate_and_prune(config.layer_inputs, pruner.pending(model), forwards, pruner, want_outputs=False,
+                            statistics_precision=precision)
         return
     _check_all_inside(pruner, blocks)
     modules = dict(model.named_modules())
@@ -183,7 +185,8 @@ def _prune_with_calibration(
         names = [pruner.names[m] for m in pending]
         forwards = [block_forward(blocks[index], h, call) for h, call in zip(hidden, calls[index])]
         last = index == len(blocks) - 1  # the last block's outputs feed nothing
-        hidden = calibrate_and_prune(config.layer_inputs, pending, forwards, pruner, want_outputs=not last)
+        hidden = calibrate_and_prune(config.layer_inputs, pending, forwards, pruner, want_outputs=not last,
+                                     statistics_precision=precision)
         if checkpoint is not None:
             checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
         bar.update()
