@@ -127,9 +127,12 @@ def _ours(method: str, label: str, pattern: str, layer_inputs: str, calibration:
     return run
 
 
-def prune_all(calibration: Path, ref_python: Path | None, model_dir: Path, variants: list[str]) -> list[Run]:
+def prune_all(calibration: Path, ref_python: Path | None, model_dir: Path, variants: list[str],
+              methods: list[str]) -> list[Run]:
     runs = []
     for method, label, ours, theirs in CONFIGS:
+        if method not in methods:
+            continue
         for variant in ["dense:model"] if method == "magnitude" else variants:  # magnitude uses no calibration
             layer_inputs, calib_dtype = variant.split(":")
             runs.append(_ours(method, label, ours, layer_inputs, calibration, calib_dtype))
@@ -215,6 +218,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", type=_variant, default=list(VARIANTS),
                         help="sparsetorch runs for Wanda and SparseGPT, as LAYER_INPUTS:CALIB_DTYPE "
                              f"(default: {' '.join(VARIANTS)})")
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"],
+                        choices=["magnitude", "wanda", "sparsegpt"], help="methods to run (default: all)")
     parser.add_argument("--reference-python", help="python of an existing llm-compressor 0.14 environment")
     parser.add_argument("--skip-reference", action="store_true", help="run sparsetorch only")
     parser.add_argument("--no-append", action="store_true", help="print the table, do not append to RESULTS.md")
@@ -235,7 +240,7 @@ def main() -> None:
     torch.save(calibration_windows(tokenizer, split.calibration, args.samples, args.seqlen, seed=0), calibration)
     windows = evaluation_windows(tokenizer, split.evaluation, args.eval_tokens, args.seqlen)
     ref_python = None if args.skip_reference else reference_python(args.reference_python)
-    runs = prune_all(calibration, ref_python, model_dir, args.variants)
+    runs = prune_all(calibration, ref_python, model_dir, args.variants, args.methods)
     dense = evaluate_all(runs, windows)
     table = tables(runs, dense)
     import transformers
