@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sparsetorch.families import find_blocks, model_type
-from sparsetorch.oneshot.attention import calibration_attention
 from sparsetorch.oneshot.calibrate import calibrate_and_prune
 from sparsetorch.oneshot.capture import block_forward, capture_block_calls, model_forward
 from sparsetorch.oneshot.config import PruneConfig
@@ -181,17 +180,16 @@ def _prune_with_calibration(
     hidden, calls = capture_block_calls(model, blocks, chunks)
     hidden = hidden if saved is None else saved
     bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress)
-    with calibration_attention(model):  # full causal windows: skip the masked half of attention
-        for index in range(start, len(blocks)):
-            pending = pruner.pending(blocks[index])
-            names = [pruner.names[m] for m in pending]
-            forwards = [block_forward(blocks[index], h, call) for h, call in zip(hidden, calls[index])]
-            last = index == len(blocks) - 1  # the last block's outputs feed nothing
-            hidden = calibrate_and_prune(config.layer_inputs, pending, forwards, pruner, want_outputs=not last,
-                                         statistics_precision=precision)
-            if checkpoint is not None:
-                checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
-            bar.update()
+    for index in range(start, len(blocks)):
+        pending = pruner.pending(blocks[index])
+        names = [pruner.names[m] for m in pending]
+        forwards = [block_forward(blocks[index], h, call) for h, call in zip(hidden, calls[index])]
+        last = index == len(blocks) - 1  # the last block's outputs feed nothing
+        hidden = calibrate_and_prune(config.layer_inputs, pending, forwards, pruner, want_outputs=not last,
+                                     statistics_precision=precision)
+        if checkpoint is not None:
+            checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
+        bar.update()
     bar.close()
 
 
