@@ -54,6 +54,18 @@ def test_every_family_prunes_every_block_linear_exactly(family, method, pattern)
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_prunes_exactly_with_mixed_layer_inputs(family):
+    """'mixed' finds each family's last layer group (down_proj, fc2, c_proj, dense_4h_to_h)
+    from the first batch's order, whatever the block layout."""
+    model = _family(family)
+    report = sparsetorch.prune(model, calibration_ids(), method="sparsegpt", pattern="2:4", layer_inputs="mixed",
+                               batch_size=3, progress=False)
+    assert len(report.layers) == EXPECTED_LAYERS[family]
+    assert all(layer.sparsity == pytest.approx(0.5) for layer in report.layers.values())
+    assert torch.isfinite(model(input_ids=calibration_ids(windows=1)).logits).all()
+
+
 def _layer_inputs(model, ids):
     """Every Linear's input on `ids`, captured from a plain forward of the (pruned) model."""
     inputs, handles = {}, []
@@ -216,13 +228,14 @@ def test_config_round_trips_through_json():
         sparsetorch.PruneConfig(method="obs")
 
 
-def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("layer_inputs", ["dense", "mixed"])
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, layer_inputs):
     from sparsetorch.oneshot.resume import ResumeCheckpoint, StaleCheckpointError
 
     reference = tiny_llama(layers=3)
     interrupted = tiny_llama(layers=3)
     interrupted.load_state_dict(reference.state_dict())
-    config = sparsetorch.PruneConfig(method="sparsegpt", pattern="2:4")
+    config = sparsetorch.PruneConfig(method="sparsegpt", pattern="2:4", layer_inputs=layer_inputs)
     ids = calibration_ids()
     expected = sparsetorch.prune(reference, ids, config, progress=False)
 
