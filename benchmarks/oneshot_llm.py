@@ -218,8 +218,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", type=_variant, default=list(VARIANTS),
                         help="sparsetorch runs for Wanda and SparseGPT, as LAYER_INPUTS:CALIB_DTYPE "
                              f"(default: {' '.join(VARIANTS)})")
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"],
-                        choices=["magnitude", "wanda", "sparsegpt"], help="methods to run (default: all)")
+    methods = list(dict.fromkeys(method for method, *_ in CONFIGS))
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods, help="methods to run (default: all)")
     parser.add_argument("--reference-python", help="python of an existing llm-compressor 0.14 environment")
     parser.add_argument("--skip-reference", action="store_true", help="run sparsetorch only")
     parser.add_argument("--no-append", action="store_true", help="print the table, do not append to RESULTS.md")

@@ -129,7 +129,7 @@ class _LayerPruner:
         started = time.perf_counter()
         options = replace(self.config.solver_options(), seed=self.config.seed + self.index[modules[0]])
         weights = [weight_matrix(module) for module in modules]
-        with full_precision(weights[0].device):  # even when called inside a bf16 calibration forward
+        with full_precision(weights[0].device):  # even inside a caller's autocast context
             results = self.solver.solve(weights, stat, self.pattern, self.config.sparsity, options)
         seconds = (time.perf_counter() - started) / len(modules)
         for module, weight, (new_weight, keep) in zip(modules, weights, results):

@@ -12,6 +12,8 @@ import itertools
 import torch
 from torch import Tensor
 
+from sparsetorch.oneshot.precision import full_precision
+
 __all__ = ["Gram", "InputSqNorms", "Statistic"]
 
 
@@ -73,7 +75,7 @@ class Gram(Statistic):
         self.cache: dict = {}
 
     def _add(self, rows: Tensor) -> None:
-        with torch.autocast(rows.device.type, enabled=False):
+        with full_precision(rows.device):
             for lo, hi in self._bands:  # (hi-lo, tokens) @ (tokens, in-lo): band of the upper triangle
                 self._upper[lo:hi, lo:].addmm_(rows[:, lo:hi].t(), rows[:, lo:])
         self._full = None
