@@ -25,7 +25,9 @@ from sparsetorch.kernels.cpu_features import ISA_FLAGS, supported_isas
 __all__ = ["CSRC", "build_dir", "load_isa", "module_name"]
 
 CSRC = Path(__file__).parent / "csrc"
-_COMMON_FLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-Wall")
+# -fopenmp compiles at::parallel_for's pragmas (without it the kernels run on one thread); it is not
+# passed to the link, so the module uses the OpenMP runtime libtorch_cpu already loaded, and its threads.
+_COMMON_FLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-fopenmp", "-Wall")
 _DEFINE = {"avx512": "-DST_ISA_AVX512", "avx2": "-DST_ISA_AVX2", "scalar": "-DST_ISA_SCALAR"}
 
 

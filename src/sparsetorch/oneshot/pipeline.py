@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sparsetorch.families import find_blocks, model_type
+from sparsetorch.oneshot.attention import calibration_attention
 from sparsetorch.oneshot.calibrate import calibrate_and_prune
 from sparsetorch.oneshot.capture import block_forward, capture_block_calls, model_forward
 from sparsetorch.oneshot.config import PruneConfig
@@ -82,7 +83,8 @@ def prune(
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
                 pruner.prune(module, None)
         else:
-            _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
+            with calibration_attention(model):  # causal attention without the masked half's work
+                _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
     return pruner.report(time.perf_counter() - started)
 
 

@@ -2,7 +2,8 @@
 //
 // Built by sparsetorch/kernels/build.py once per ISA, with that ISA's flags (never -march=native)
 // and ST_NAMESPACE set to a name unique to the ISA and the source hash; Python loads the module
-// only on a CPU that has the ISA. Threads: at::parallel_for, i.e. torch's own thread pool.
+// only on a CPU that has the ISA. Threads: at::parallel_for, i.e. torch's own OpenMP pool (compiled with
+// -fopenmp, linked without it: the pragmas resolve to the libgomp that libtorch_cpu loads).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -24,6 +25,7 @@
 #include "simd_scalar.h"
 #endif
 #include "kernels.h"
+#include "attention.h"
 
 namespace {
 
@@ -149,6 +151,31 @@ at::Tensor nm24_linear(const at::Tensor& x, const at::Tensor& values, const at::
   return run(w, x, bias, out, outer_from);
 }
 
+// softmax(q k^T * scale) v with a causal mask, fp32; q (b, h, t, d), k and v (b, kv_h, t, d) with kv_h dividing h,
+// unit stride over d. Returns (b, t, h, d), the layout the output projection reads.
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(st::have_blas(), "causal_attention needs a torch build with a Fortran-interface sgemm");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(3) == 1,
+                "q, k and v must be 4-D float32 CPU tensors with unit stride over the last dim, got ", t->sizes(),
+                " ", t->scalar_type(), " strides ", t->strides());
+  }
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3) &&
+                  q.size(1) % k.size(1) == 0,
+              "shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  st::AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3),
+                       {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
+                       {v.stride(0), v.stride(1), v.stride(2)}};
+  at::Tensor out = at::empty({s.batch, s.tokens, s.heads, s.dim}, q.options());
+  const int64_t tasks = s.batch * s.kv_heads * ((s.tokens + st::kQueryBlock - 1) / st::kQueryBlock);
+  const float *pq = q.const_data_ptr<float>(), *pk = k.const_data_ptr<float>(), *pv = v.const_data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    st::causal_attention(s, pq, pk, pv, po, static_cast<float>(scale), t0, t1);
+  });
+  return out;
+}
+
 std::string isa() { return st::Simd::name; }
 
 }  // namespace
@@ -164,4 +191,5 @@ ST_LIBRARY(ST_NAMESPACE, m) {
         &bitmask_linear);
   m.def("nm24_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int in_features, int outer_from) -> Tensor",
         &nm24_linear);
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", &causal_attention);
 }
