@@ -8,6 +8,7 @@ import sparsetorch
 from conftest import calibration_ids, tiny_llama
 from sparsetorch.oneshot import attention
 from sparsetorch.oneshot.attention import calibration_attention, causal_attention_op, kernel_causal_attention
+from test_pipeline import FAMILIES, _family
 
 needs_kernel = pytest.mark.skipif(causal_attention_op() is None, reason="no C++ kernels on this machine")
 
@@ -66,7 +67,7 @@ class _Attention(torch.nn.Module):
     training = False
 
 
-@pytest.mark.parametrize("case", ["mask", "bf16", "autocast", "cache"])
+@pytest.mark.parametrize("case", ["mask", "bf16", "autocast", "cache", "sliding window"])
 def test_anything_but_plain_fp32_causal_attention_goes_to_sdpa(case, monkeypatch):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -75,16 +76,21 @@ def test_anything_but_plain_fp32_causal_attention_goes_to_sdpa(case, monkeypatch
     mask = torch.ones(8, 8, dtype=torch.bool).tril() if case == "mask" else None
     if case == "cache":
         q = q[:, :, -1:]
+    window = {"sliding_window": 4} if case == "sliding window" else {}  # narrower than the 8 tokens
     module = _Attention()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
-        out, _ = kernel_causal_attention(module, q, k, v, mask)
-        expected, _ = sdpa_attention_forward(module, q, k, v, mask)
+        out, _ = kernel_causal_attention(module, q, k, v, mask, **window)
+        expected, _ = sdpa_attention_forward(module, q, k, v, mask, **window)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 @needs_kernel
-def test_a_model_inside_the_context_computes_what_it_does_outside():
-    model = tiny_llama()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_inside_the_context_computes_what_it_does_outside(family, monkeypatch):
+    runs = []
+    op = causal_attention_op()
+    monkeypatch.setattr(attention, "causal_attention_op", lambda: lambda *args: runs.append(1) or op(*args))
+    model = _family(family)
     ids = calibration_ids(windows=3, tokens=40)
     with torch.no_grad():
         expected = model(ids).logits
@@ -92,6 +98,7 @@ def test_a_model_inside_the_context_computes_what_it_does_outside():
             assert model.config._attn_implementation == attention.NAME
             logits = model(ids).logits
     assert model.config._attn_implementation == "sdpa"
+    assert runs, "the kernel never ran"
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 

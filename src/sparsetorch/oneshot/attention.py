@@ -8,8 +8,8 @@ head: the same result to float32 rounding (tested against SDPA), 9.3 against 17.
 batch of 4 SmolLM2 windows here (SDPA with transformers' key/value repeat and transpose).
 Attention is about a quarter of a calibration forward's time.
 
-It serves only float32 CPU attention of plain causal self-attention (no mask, cache, sliding
-window, soft-capping or sinks) of a model whose attention is transformers' 'sdpa'; anything
+It serves only float32 CPU attention of plain causal self-attention (no mask, cache, soft-capping
+or sinks, and no sliding window narrower than the calibration window) of a model whose attention is transformers' 'sdpa'; anything
 else, a bf16-autocast statistics forward included, goes to transformers' SDPA function
 unchanged. Without the C++ kernels (no compiler) everything does.
 """
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 __all__ = ["calibration_attention", "causal_attention_op", "kernel_causal_attention"]
 
 NAME = "sparsetorch_causal"
-_UNUSUAL = ("sliding_window", "softcap", "position_bias", "cache", "s_aux", "sinks")
+_UNUSUAL = ("softcap", "position_bias", "cache", "s_aux", "sinks")
 
 
 @functools.cache
@@ -37,6 +37,10 @@ def causal_attention_op():
     for isa in supported_isas():
         ops = load_isa(isa)
         if ops is not None:
+            try:  # a torch build without a Fortran-interface sgemm refuses (never the case on x86 wheels)
+                ops.causal_attention(*(torch.zeros(1, 1, 1, 8),) * 3, 1.0)
+            except RuntimeError:
+                return None
             return ops.causal_attention
     return None
 
@@ -53,6 +57,7 @@ def _kernel_can_run(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
         and query.shape[2] == key.shape[2]
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
         and query.shape[1] % key.shape[1] == 0
+        and (kwargs.get("sliding_window") or query.shape[2]) >= query.shape[2]  # a window as wide is plain causal
         and not any(kwargs.get(name) is not None for name in _UNUSUAL)
         and not kwargs.get("output_attentions", False)
         and causal_attention_op() is not None

@@ -8,12 +8,17 @@ block, which only gather statistics, run under bf16 autocast: matmuls and attent
 bf16; norms, residual sums and the statistics' sums in fp32.
 
 Only those. The forward of the pruned block, which makes the next block's inputs, stays
-in the model's dtype, and so do the solvers (`full_precision`). Measured on SmolLM2-135M
-(benchmarks/RESULTS.md): with bf16 statistics, Wanda and SparseGPT at 50% and 2:4 all
-stayed within +1% of llm-compressor's perplexity (against our own fp32 runs: -0.9% to
-+4.1%, the most for SparseGPT 2:4, which rounding-level changes alone move that much);
-bf16 also in the forwards that feed the next block cost Wanda 2:4 4.6%, since that
-rounding compounds over 30 blocks.
+in the model's dtype, and so do the solvers (`full_precision`). bf16 statistics make the
+result fragile, though. Measured on SmolLM2-135M, Wanda 2:4 with layer_inputs='mixed'
+(benchmarks/RESULTS.md): with fp32 statistics 142.277 perplexity, and 142.202 both after
+the calibration attention changed to sparsetorch's kernel (a float32-rounding change) and
+with the calibration windows in another order; with bf16 statistics 142.466 before that
+change, 141.801 after it, and 145.021 with a third attention (chunked SDPA). A 1e-7 change
+of a block's inputs flips some bf16 roundings of the activations, hence some near-tied 2:4
+choices, and that compounds over 30 blocks. On this 2-core CPU, once calibration attention
+skips its masked half, bf16 statistics no longer save time either ('mixed': 65.8 s against
+66.5 s in fp32), so the default stays 'model'; bf16 is for hardware where its matmuls are
+far faster than fp32 ones (AMX, GPUs).
 """
 
 from __future__ import annotations

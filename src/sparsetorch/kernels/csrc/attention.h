@@ -26,7 +26,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace st {
 
-constexpr int64_t kQueryBlock = 64;  // queries per task and head: measured fastest on 512-token windows
+constexpr int64_t kQueryBlock = 64;  // queries per task and head, as PyTorch's flash kernel tiles them
 
 inline bool have_blas() { return sgemm_ != nullptr; }
 
