@@ -13,6 +13,14 @@ from test_pipeline import FAMILIES, _family
 needs_kernel = pytest.mark.skipif(causal_attention_op() is None, reason="no C++ kernels on this machine")
 
 
+@pytest.fixture
+def kernel_runs(monkeypatch):
+    """A list that gets an entry for every call of the kernel (which still runs)."""
+    runs, op = [], causal_attention_op()
+    monkeypatch.setattr(attention, "causal_attention_op", lambda: lambda *args: runs.append(1) or op(*args))
+    return runs
+
+
 def _qkv(batch, heads, kv_heads, tokens, dim, dtype=torch.float32):
     """Laid out as transformers makes them: (batch, tokens, heads, dim) memory seen as (batch, heads, tokens, dim)."""
     q = torch.randn(batch, tokens, heads, dim, dtype=dtype).transpose(1, 2)
@@ -86,10 +94,7 @@ def test_anything_but_plain_fp32_causal_attention_goes_to_sdpa(case, monkeypatch
 
 @needs_kernel
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_model_inside_the_context_computes_what_it_does_outside(family, monkeypatch):
-    runs = []
-    op = causal_attention_op()
-    monkeypatch.setattr(attention, "causal_attention_op", lambda: lambda *args: runs.append(1) or op(*args))
+def test_a_model_inside_the_context_computes_what_it_does_outside(family, kernel_runs):
     model = _family(family)
     ids = calibration_ids(windows=3, tokens=40)
     with torch.no_grad():
@@ -98,7 +103,7 @@ def test_a_model_inside_the_context_computes_what_it_does_outside(family, monkey
             assert model.config._attn_implementation == attention.NAME
             logits = model(ids).logits
     assert model.config._attn_implementation == "sdpa"
-    assert runs, "the kernel never ran"
+    assert kernel_runs, "the kernel never ran"
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
@@ -118,14 +123,11 @@ def test_models_of_other_attention_implementations_are_left_alone():
 
 @needs_kernel
 @pytest.mark.parametrize("layer_inputs", ["dense", "mixed", "pruned"])
-def test_pruning_runs_its_calibration_attention_through_the_kernel(layer_inputs, monkeypatch):
-    runs = []
-    op = causal_attention_op()
-    monkeypatch.setattr(attention, "causal_attention_op", lambda: lambda *args: runs.append(1) or op(*args))
+def test_pruning_runs_its_calibration_attention_through_the_kernel(layer_inputs, kernel_runs):
     model = tiny_llama(layers=2)
     sparsetorch.prune(model, calibration_ids(windows=8), method="wanda", pattern="2:4", layer_inputs=layer_inputs,
                       batch_size=4, progress=False)
     # 2 batches per forward; 'dense' skips the pass of the last pruned block (it feeds nothing), 'mixed' needs it
     # to calibrate the down projections, 'pruned' makes only that pass
-    assert len(runs) == {"dense": 2 * (2 + 1), "mixed": 2 * (2 + 2), "pruned": 2 * (1 + 1)}[layer_inputs]
+    assert len(kernel_runs) == {"dense": 2 * (2 + 1), "mixed": 2 * (2 + 2), "pruned": 2 * (1 + 1)}[layer_inputs]
     assert model.config._attn_implementation == "sdpa"

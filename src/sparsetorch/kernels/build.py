@@ -22,7 +22,7 @@ import torch
 from sparsetorch.data import cache_dir
 from sparsetorch.kernels.cpu_features import ISA_FLAGS, supported_isas
 
-__all__ = ["CSRC", "build_dir", "load_isa", "module_name"]
+__all__ = ["CSRC", "best_loaded_isa", "build_dir", "load_isa", "module_name"]
 
 CSRC = Path(__file__).parent / "csrc"
 # -fopenmp compiles at::parallel_for's pragmas (without it the kernels run on one thread); it is not
@@ -107,3 +107,8 @@ def load_isa(isa: str):
         )
         return None
     return getattr(torch.ops, name)
+
+
+def best_loaded_isa(isas: tuple[str, ...] | None = None) -> str | None:
+    """The first of `isas` (default: every ISA this CPU runs, best first) whose kernels load, or None."""
+    return next((isa for isa in (supported_isas() if isas is None else isas) if load_isa(isa) is not None), None)

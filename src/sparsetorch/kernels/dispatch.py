@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from sparsetorch.kernels import cpu, cuda, fallback  # noqa: F401  (their decorators fill the registries)
-from sparsetorch.kernels.build import load_isa
+from sparsetorch.kernels.build import best_loaded_isa
 from sparsetorch.kernels.cpu_features import ISAS, supported_isas
 from sparsetorch.kernels.registry import CPU, CUDA, TORCH, Run
 
@@ -33,10 +33,7 @@ def kernel_name(weight, x: Tensor, backend: str = "auto", op: str = "linear") ->
         return "cuda" if key in CUDA and CUDA.get(*key).supports(weight, x) else "torch"
     if backend == "torch" or key not in CPU or not CPU.get(*key).supports(weight, x):
         return "torch"
-    for isa in supported_isas() if backend == "auto" else (backend,):
-        if load_isa(isa) is not None:
-            return isa
-    return "torch"
+    return best_loaded_isa(None if backend == "auto" else (backend,)) or "torch"
 
 
 def bind_kernel(weight, x: Tensor, backend: str = "auto", op: str = "linear") -> Run:

@@ -8,10 +8,11 @@ head: the same result to float32 rounding (tested against SDPA), 9.3 against 17.
 batch of 4 SmolLM2 windows here (SDPA with transformers' key/value repeat and transpose).
 Attention is about a quarter of a calibration forward's time.
 
-It serves only float32 CPU attention of plain causal self-attention (no mask, cache, soft-capping
-or sinks, and no sliding window narrower than the calibration window) of a model whose attention is transformers' 'sdpa'; anything
-else, a bf16-autocast statistics forward included, goes to transformers' SDPA function
-unchanged. Without the C++ kernels (no compiler) everything does.
+It serves only float32 CPU attention of plain causal self-attention (no mask, cache,
+soft-capping or sinks, and no sliding window narrower than the calibration window) of a
+model whose attention is transformers' 'sdpa'; anything else, a bf16-autocast statistics
+forward included, goes to transformers' SDPA function unchanged. Without the C++ kernels
+(no compiler) everything does.
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ _UNUSUAL = ("softcap", "position_bias", "cache", "s_aux", "sinks")
 @functools.cache
 def causal_attention_op():
     """The C++ causal attention of the best ISA this CPU runs, or None without a compiler."""
-    from sparsetorch.kernels import load_isa, supported_isas  # here: the kernels package imports oneshot
+    from sparsetorch.kernels.build import best_loaded_isa, load_isa  # here: the kernels package imports oneshot
 
-    for isa in supported_isas():
-        ops = load_isa(isa)
-        if ops is not None:
-            try:  # a torch build without a Fortran-interface sgemm refuses (never the case on x86 wheels)
-                ops.causal_attention(*(torch.zeros(1, 1, 1, 8),) * 3, 1.0)
-            except RuntimeError:
-                return None
-            return ops.causal_attention
-    return None
+    isa = best_loaded_isa()
+    if isa is None:
+        return None
+    op = load_isa(isa).causal_attention
+    try:  # a torch build without a Fortran-interface sgemm refuses (never the case on x86 wheels)
+        op(*(torch.zeros(1, 1, 1, 8),) * 3, 1.0)
+    except RuntimeError:
+        return None
+    return op
 
 
 def _kernel_can_run(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float,

@@ -106,9 +106,13 @@ struct AttentionShape {
   int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, token
 };
 
+// Tasks of `causal_attention`: one per (batch, kv head, query block), query block innermost.
+inline int64_t query_blocks(const AttentionShape& s) { return (s.tokens + kQueryBlock - 1) / kQueryBlock; }
+inline int64_t attention_tasks(const AttentionShape& s) { return s.batch * s.kv_heads * query_blocks(s); }
+
 inline void causal_attention(const AttentionShape& s, const float* q, const float* k, const float* v, float* out,
                              float scale, int64_t task_begin, int64_t task_end) {
-  const int64_t groups = s.heads / s.kv_heads, blocks = (s.tokens + kQueryBlock - 1) / kQueryBlock;
+  const int64_t groups = s.heads / s.kv_heads, blocks = query_blocks(s);
   std::vector<float> scores(static_cast<size_t>(groups * kQueryBlock * s.tokens));
   std::vector<float> inverse_sums(static_cast<size_t>(groups * kQueryBlock));
   const int dim = static_cast<int>(s.dim), ld_scores = static_cast<int>(s.tokens);
@@ -116,7 +120,7 @@ inline void causal_attention(const AttentionShape& s, const float* q, const floa
   // Each task is one thread's work: a BLAS that spawned threads of its own would oversubscribe.
   const SetThreads set_threads = mkl_threads_setter();
   const int blas_threads = set_threads ? set_threads(1) : 0;
-  for (int64_t task = task_begin; task < task_end; ++task) {  // task = (batch, kv head, query block)
+  for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t block = task % blocks, kv = (task / blocks) % s.kv_heads, b = task / (blocks * s.kv_heads);
     const int64_t first = block * kQueryBlock, rows = std::min(kQueryBlock, s.tokens - first);
     const int64_t keys = first + rows;  // causal: the block's last query sees keys [0, keys)

@@ -167,10 +167,9 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
                        {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
                        {v.stride(0), v.stride(1), v.stride(2)}};
   at::Tensor out = at::empty({s.batch, s.tokens, s.heads, s.dim}, q.options());
-  const int64_t tasks = s.batch * s.kv_heads * ((s.tokens + st::kQueryBlock - 1) / st::kQueryBlock);
   const float *pq = q.const_data_ptr<float>(), *pk = k.const_data_ptr<float>(), *pv = v.const_data_ptr<float>();
   float* po = out.data_ptr<float>();
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, st::attention_tasks(s), 1, [&](int64_t t0, int64_t t1) {
     st::causal_attention(s, pq, pk, pv, po, static_cast<float>(scale), t0, t1);
   });
   return out;
