@@ -6,6 +6,7 @@ from torch import nn
 
 import sparsetorch
 from conftest import calibration_ids, tiny_llama
+from sparsetorch.oneshot.calibrate import StopPoints
 from sparsetorch.patterns import NM, Unstructured
 from sparsetorch.targets import weight_matrix
 
@@ -262,3 +263,36 @@ def json_blocks_done(directory):
     import json
 
     return json.loads((directory / "progress.json").read_text())["blocks_done"]
+
+
+def test_mixed_statistics_forwards_of_later_blocks_stop_before_the_mlp_expansion(monkeypatch):
+    """The first block's first batch runs to its down_proj to learn the layer order;
+    blocks of the same layout then skip gate/up in every statistics batch, with the very
+    same masks as when each block learns the order again."""
+    def prune_counting_gate_calls(model):
+        runs = []
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.register_forward_hook(lambda *args: runs.append(1))
+        report = sparsetorch.prune(model, calibration_ids(windows=8), method="wanda", layer_inputs="mixed",
+                                   batch_size=4, progress=False)
+        return report, len(runs)
+
+    torch.manual_seed(0)
+    report, gate_runs = prune_counting_gate_calls(tiny_llama(layers=3))
+    # 2 batches: block 0 runs gate_proj in its first statistics batch and in its pruned pass, blocks 1-2 only in theirs
+    assert gate_runs == (1 + 2) + 2 + 2
+    monkeypatch.setattr(StopPoints, "find", lambda self, layout: None)  # every block learns the order itself
+    torch.manual_seed(0)
+    relearned, relearned_runs = prune_counting_gate_calls(tiny_llama(layers=3))
+    assert relearned_runs == 3 * (1 + 2)
+    assert all(torch.equal(report.masks[name], relearned.masks[name]) for name in report.masks)
+
+
+def test_a_block_of_another_layout_learns_its_own_order():
+    stops = StopPoints()
+    a, b, c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    stops.learn({a: "attn.q", b: "mlp.up"}, [[a], [b]])
+    assert stops.find({c: "attn.q", b: "mlp.up"}) == [[c], [b]]
+    assert stops.find({c: "attn.q"}) is None  # not the same layers
+    stops.learn({a: "x"}, [[b]])  # a group outside the layout teaches nothing
+    assert stops.find({a: "x"}) is None

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from sparsetorch.oneshot.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from sparsetorch.oneshot import sparsegpt
+from sparsetorch.oneshot.sparsegpt import (
+    inverse_hessian_factor,
+    sparsegpt_prune,
+    sparsegpt_prune_many,
+    sweep_op,
+    sweep_reference,
+)
 from sparsetorch.patterns import NM, Block, Unstructured, prune_count
 from sparsetorch.scores import magnitude_scores, wanda_scores
 
@@ -109,3 +116,65 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inver
     damped = gram.double() + 0.01 * gram.diagonal().double().mean() * torch.eye(48, dtype=torch.float64)
     assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
     torch.testing.assert_close(U.t() @ U, torch.linalg.inv(damped), rtol=1e-5, atol=1e-9)
+
+
+# ---- the C++ sweep (kernels/csrc/sparsegpt.h) against its torch reference --------------
+
+needs_sweep_op = pytest.mark.skipif(sweep_op() is None, reason="no C++ kernels on this machine")
+
+
+def _sweep_inputs(width, out, n, m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * width, width, generator=g) * (torch.rand(width, generator=g) * 3 + 0.1)
+    hinv = inverse_hessian_factor(X.t() @ X, 0.01)
+    block = torch.randn(width, out, generator=g)
+    pruned = torch.rand(width, out, generator=g) < 0.6 if m == 0 else torch.zeros(width, out, dtype=torch.bool)
+    return block, hinv, pruned
+
+
+@needs_sweep_op
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 3), (4, 8), (0, 0)])
+@pytest.mark.parametrize("width,out", [(24, 5), (48, 33), (96, 100)])
+def test_sweep_op_matches_the_torch_sweep(n, m, width, out):
+    block, hinv, pruned = _sweep_inputs(width, out, n, m)
+    results = []
+    for sweep in (sweep_reference, sweep_op()):
+        b, p, e = block.clone(), pruned.clone(), torch.zeros(width, out)
+        sweep(b, hinv, p, e, n, m)
+        results.append((b, p, e))
+    (b1, p1, e1), (b2, p2, e2) = results
+    assert torch.equal(p1, p2)
+    if m:
+        assert torch.equal((~p2).sum(0), torch.full((out,), width // m * n))  # exactly n kept of every m
+    torch.testing.assert_close(b2, b1, rtol=0, atol=1e-5)
+    torch.testing.assert_close(e2, e1, rtol=0, atol=1e-4)
+    assert torch.equal(b2[p2], torch.zeros(int(p2.sum())))
+    assert not torch.signbit(b2[p2]).any()  # +0.0, never -0.0
+
+
+@needs_sweep_op
+@pytest.mark.parametrize("pattern,sparsity", [(NM(2, 4), None), (Unstructured(), 0.5), (Block(4, 4), 0.5)])
+def test_sparsegpt_gives_the_same_layers_with_or_without_the_op(pattern, sparsity, monkeypatch):
+    X = _calibration(cols=64)
+    weights = [torch.randn(40, 64), torch.randn(24, 64)]
+    gram = X.t() @ X
+    with_op = sparsegpt_prune_many(weights, gram, pattern, sparsity, block_size=32)
+    monkeypatch.setattr(sparsegpt, "_op_can_sweep", lambda *args: False)
+    without = sparsegpt_prune_many(weights, gram, pattern, sparsity, block_size=32)
+    for (w1, k1), (w2, k2) in zip(with_op, without):
+        assert torch.equal(k1, k2)
+        torch.testing.assert_close(w1, w2, rtol=0, atol=1e-5)
+
+
+@needs_sweep_op
+def test_sweep_op_refuses_bad_input():
+    block, hinv, pruned = _sweep_inputs(8, 5, 2, 4)
+    errors = torch.zeros(8, 5)
+    with pytest.raises(RuntimeError, match="block and errors must be contiguous float32"):
+        sweep_op()(block.double(), hinv, pruned, errors, 2, 4)
+    with pytest.raises(RuntimeError, match="pruned must be a contiguous bool tensor"):
+        sweep_op()(block, hinv, pruned.float(), errors, 2, 4)
+    with pytest.raises(RuntimeError, match="hinv must be a .width, width. float32"):
+        sweep_op()(block, hinv[:4, :4], pruned, errors, 2, 4)
+    with pytest.raises(RuntimeError, match="N:M needs 0 < n < m"):
+        sweep_op()(block, hinv, pruned, errors, 2, 3)  # 8 columns are not whole groups of 3

@@ -22,7 +22,7 @@ import torch
 from sparsetorch.data import cache_dir
 from sparsetorch.kernels.cpu_features import ISA_FLAGS, supported_isas
 
-__all__ = ["CSRC", "best_loaded_isa", "build_dir", "load_isa", "module_name"]
+__all__ = ["CSRC", "best_loaded_isa", "best_ops", "build_dir", "load_isa", "module_name"]
 
 CSRC = Path(__file__).parent / "csrc"
 # -fopenmp compiles at::parallel_for's pragmas (without it the kernels run on one thread); it is not
@@ -112,3 +112,10 @@ def load_isa(isa: str):
 def best_loaded_isa(isas: tuple[str, ...] | None = None) -> str | None:
     """The first of `isas` (default: every ISA this CPU runs, best first) whose kernels load, or None."""
     return next((isa for isa in (supported_isas() if isas is None else isas) if load_isa(isa) is not None), None)
+
+
+@functools.cache
+def best_ops():
+    """The torch.ops namespace of the best ISA whose kernels load, or None without a compiler."""
+    isa = best_loaded_isa()
+    return None if isa is None else load_isa(isa)

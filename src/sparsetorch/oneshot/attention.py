@@ -33,12 +33,12 @@ _UNUSUAL = ("softcap", "position_bias", "cache", "s_aux", "sinks")
 @functools.cache
 def causal_attention_op():
     """The C++ causal attention of the best ISA this CPU runs, or None without a compiler."""
-    from sparsetorch.kernels.build import best_loaded_isa, load_isa  # here: the kernels package imports oneshot
+    from sparsetorch.kernels.build import best_ops  # here: the kernels package imports oneshot
 
-    isa = best_loaded_isa()
-    if isa is None:
+    ops = best_ops()
+    if ops is None:
         return None
-    op = load_isa(isa).causal_attention
+    op = ops.causal_attention
     try:  # a torch build without a Fortran-interface sgemm refuses (never the case on x86 wheels)
         op(*(torch.zeros(1, 1, 1, 8),) * 3, 1.0)
     except RuntimeError:

@@ -16,6 +16,8 @@ resume. Half the forward work, but measured worse at 2:4 (benchmarks/RESULTS.md)
 of the pruned block that produces the next block's inputs. The dense forward then stops
 as soon as the input of the last-but-one group is seen, so it never computes the MLP's
 expansion (half of a Llama block's matmul work): 1.25 block forwards instead of 1.75.
+Where that group is, the first batch of the first block learns by running to the end;
+later blocks with the same layers (`StopPoints`) stop there from their first batch on.
 
 Layers fed the very same tensor (q/k/v, gate/up) share one statistic in every way.
 Only the dense block's forwards may run in a lower precision (`statistics_precision`):
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 from sparsetorch.oneshot.capture import Stop
 from sparsetorch.oneshot.stats import Statistic
 
-__all__ = ["LAYER_INPUTS", "calibrate_and_prune"]
+__all__ = ["LAYER_INPUTS", "StopPoints", "calibrate_and_prune"]
 
 LAYER_INPUTS: tuple[str, ...] = ("dense", "pruned", "mixed")
 
@@ -50,6 +52,31 @@ class LayerPruner(Protocol):
     def prune_group(self, modules: list[nn.Module], stat: Statistic) -> None: ...
 
 
+class StopPoints:
+    """What 'mixed' statistics forwards learned, per block layout.
+
+    A layout is the names of a block's pending layers within the block ("mlp.up_proj",
+    ...). Blocks with the same layout run their layers in the same order, so the groups
+    of layers sharing an input that one block's statistics forward wanted (in execution
+    order) are the next one's too: its forward can stop before the last group's first
+    layer from its first batch on, and that group's other layers join it unseen.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[frozenset[str], list[list[str]]] = {}
+
+    def find(self, layout: dict[nn.Module, str]) -> list[list[nn.Module]] | None:
+        groups = self._known.get(frozenset(layout.values()))
+        if groups is None:
+            return None
+        module = {name: m for m, name in layout.items()}
+        return [[module[name] for name in group] for group in groups]
+
+    def learn(self, layout: dict[nn.Module, str], groups: list[list[nn.Module]]) -> None:
+        if groups and all(m in layout for group in groups for m in group):
+            self._known[frozenset(layout.values())] = [[layout[m] for m in group] for group in groups]
+
+
 def calibrate_and_prune(
     layer_inputs: str,
     pending: set[nn.Module],
@@ -57,11 +84,15 @@ def calibrate_and_prune(
     pruner: LayerPruner,
     want_outputs: bool = True,
     statistics_precision: Callable[[], AbstractContextManager] = nullcontext,
+    stops: StopPoints | None = None,
+    layout: dict[nn.Module, str] | None = None,
 ) -> list[Tensor] | None:
     """Prune every layer in `pending` from calibration batches run by `forwards`.
 
     `statistics_precision` gives the context the dense block's forwards run in (bf16
-    autocast, say); the pruned block's forward runs outside it.
+    autocast, say); the pruned block's forward runs outside it. With `stops` and the
+    block's `layout` (pending layer -> name within the block), 'mixed' reuses and
+    records where its statistics forward stops.
 
     Returns:
         The outputs of the pruned block per batch (None if not wanted).
@@ -72,7 +103,10 @@ def calibrate_and_prune(
     if layer_inputs == "pruned":
         outputs = _from_pruned_inputs(pending, forwards, pruner, want_outputs)
     elif layer_inputs == "mixed":
-        _prune_from_dense_block(pending, forwards, pruner, statistics_precision, skip_last=True)
+        plan = stops.find(layout) if stops is not None and layout else None
+        groups = _prune_from_dense_block(pending, forwards, pruner, statistics_precision, skip_last=True, plan=plan)
+        if stops is not None and layout:
+            stops.learn(layout, groups)
         outputs = _from_pruned_inputs(pending, forwards, pruner, want_outputs)
     else:
         _prune_from_dense_block(pending, forwards, pruner, statistics_precision)
@@ -108,21 +142,27 @@ class _Collector:
     order of the layer groups. Later batches stop right after the first layer of the
     last group still wanted: the layers after it in the block need not run. With
     `skip_last` the block's last group is not wanted (its first-batch statistic is
-    dropped): it is left to the pruned forward.
+    dropped): it is left to the pruned forward. With a `plan` (the wanted groups of a
+    block of the same layout) every batch stops before the last group's first layer,
+    and `groups` adds the layers it never reached to the statistic of their group.
     """
 
-    def __init__(self, pending: set[nn.Module], statistic: type[Statistic], skip_last: bool = False) -> None:
-        self.pending, self.statistic, self.skip_last = pending, statistic, skip_last
+    def __init__(self, pending: set[nn.Module], statistic: type[Statistic], skip_last: bool = False,
+                 plan: list[list[nn.Module]] | None = None) -> None:
+        self.pending, self.statistic, self.plan = pending, statistic, plan
+        self.skip_last = skip_last and plan is None
         self.stats: dict[nn.Module, Statistic] = {}  # insertion order = execution order
         self.last: tuple[Tensor | None, Statistic | None] = (None, None)
         self.seen = 0
-        self.stop_after: nn.Module | None = None  # known after the first batch
+        self.stop_after = plan[-1][0] if plan else None  # else known after the first batch
 
     def start_batch(self) -> None:
         self.last, self.seen = (None, None), 0
 
     def end_first_batch(self) -> bool:
         """Learn where later batches stop; False if no group is wanted from them."""
+        if self.plan:
+            return bool(self.stats)
         if self.skip_last and self.stats:
             last_stat = next(reversed(self.stats.values()))
             self.stats = {m: s for m, s in self.stats.items() if s is not last_stat}
@@ -147,6 +187,19 @@ class _Collector:
         if self.seen == len(self.pending) or module is self.stop_after:
             raise Stop  # every wanted input is seen: the rest of the block is not needed
 
+    def groups(self) -> list[tuple[Statistic, list[nn.Module]]]:
+        """The wanted layers by shared statistic, in execution order; with a plan, layers
+        the forwards stopped before join the group of the layer they share an input with."""
+        groups: dict[int, tuple[Statistic, list[nn.Module]]] = {}
+        for module, stat in self.stats.items():
+            groups.setdefault(id(stat), (stat, []))[1].append(module)
+        for members in self.plan or []:
+            stat = self.stats.get(members[0])
+            unseen = [m for m in members[1:] if m not in self.stats and m in self.pending]
+            if stat is not None:
+                groups[id(stat)][1].extend(unseen)
+        return list(groups.values())
+
 
 def _prune_from_dense_block(
     pending: set[nn.Module],
@@ -154,9 +207,13 @@ def _prune_from_dense_block(
     pruner: LayerPruner,
     precision: Callable[[], AbstractContextManager],
     skip_last: bool = False,
-) -> None:
-    """Gather statistics from forwards of the dense block, then prune the layers they cover."""
-    collector = _Collector(pending, pruner.statistic, skip_last)
+    plan: list[list[nn.Module]] | None = None,
+) -> list[list[nn.Module]]:
+    """Gather statistics from forwards of the dense block, then prune the layers they cover.
+
+    Returns those layers, grouped by shared input, in execution order.
+    """
+    collector = _Collector(pending, pruner.statistic, skip_last, plan)
     with _pre_hooks(set(pending), collector):
         for index, forward in enumerate(forwards):
             collector.start_batch()
@@ -167,12 +224,11 @@ def _prune_from_dense_block(
                 pass
             if index == 0 and not collector.end_first_batch():
                 break
-    groups: dict[int, tuple[Statistic, list[nn.Module]]] = {}
-    for module, stat in collector.stats.items():  # layers sharing an input are solved together
-        groups.setdefault(id(stat), (stat, []))[1].append(module)
-    for stat, modules in groups.values():
+    groups = collector.groups()
+    for stat, modules in groups:  # layers sharing an input are solved together
         pruner.prune_group(modules, stat)
         pending.difference_update(modules)
+    return [modules for _, modules in groups]
 
 
 # ---- pruned inputs: one pass, batches in lockstep --------------------------------------

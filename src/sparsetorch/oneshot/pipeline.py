@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from sparsetorch.families import find_blocks, model_type
 from sparsetorch.oneshot.attention import calibration_attention
-from sparsetorch.oneshot.calibrate import calibrate_and_prune
+from sparsetorch.oneshot.calibrate import StopPoints, calibrate_and_prune
 from sparsetorch.oneshot.capture import block_forward, capture_block_calls, model_forward
 from sparsetorch.oneshot.config import PruneConfig
+from sparsetorch.oneshot.fused import fused_elementwise
 from sparsetorch.oneshot.precision import calibration_precision, full_precision
 from sparsetorch.oneshot.report import LayerReport, PruneReport
 from sparsetorch.oneshot.resume import ResumeCheckpoint
@@ -83,7 +84,8 @@ def prune(
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
                 pruner.prune(module, None)
         else:
-            with calibration_attention(model):  # causal attention without the masked half's work
+            # causal attention without the masked half's work; one-pass norms, rotary and gating
+            with calibration_attention(model), fused_elementwise(model):
                 _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
     return pruner.report(time.perf_counter() - started)
 
@@ -182,13 +184,15 @@ def _prune_with_calibration(
     hidden, calls = capture_block_calls(model, blocks, chunks)
     hidden = hidden if saved is None else saved
     bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress)
+    stops = StopPoints()  # what one block's statistics forward learned, for the blocks like it
     for index in range(start, len(blocks)):
         pending = pruner.pending(blocks[index])
         names = [pruner.names[m] for m in pending]
+        layout = {m: name for name, m in blocks[index].named_modules() if m in pending}
         forwards = [block_forward(blocks[index], h, call) for h, call in zip(hidden, calls[index])]
         last = index == len(blocks) - 1  # the last block's outputs feed nothing
         hidden = calibrate_and_prune(config.layer_inputs, pending, forwards, pruner, want_outputs=not last,
-                                     statistics_precision=precision)
+                                     statistics_precision=precision, stops=stops, layout=layout)
         if checkpoint is not None:
             checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
         bar.update()

@@ -9,6 +9,8 @@ The mask is chosen adaptively from the *updated* weights: for every block of col
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -40,7 +42,7 @@ def inverse_hessian_factor(gram: Tensor, dampening: float) -> Tensor:
         damped.diagonal().add_(dampening * mean_diag)
         factor, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
         if info == 0:
-            return _upper_factor_of_inverse(factor).float()
+            return _upper_factor_of_inverse(factor).float().contiguous()  # row-major: the sweep reads rows
         if dampening >= 1.0:
             raise RuntimeError("SparseGPT: the Hessian stays singular even with dampening 1.0")
         dampening = min(dampening * 10, 1.0)
@@ -141,23 +143,58 @@ def _prune_block(
 ) -> tuple[Tensor, Tensor]:
     """Prune columns [start, stop) of W (rows of Wt) in place; return their keep mask and
     the scaled errors, (width, out)."""
-    block = Wt[start:stop].clone()  # (width, out): updated as columns are pruned
+    block = Wt[start:stop]  # (width, out), a view: swept in place
     hinv_block = hinv[start:stop, start:stop]
-    diag = hinv_block.diagonal()
-    errors = torch.zeros_like(block)
-    is_nm = isinstance(pattern, NM)
-    if is_nm:
-        keep = torch.ones(block.shape[1], block.shape[0], dtype=torch.bool)
+    if isinstance(pattern, NM):  # masks chosen during the sweep, from the updated weights
+        n, m = pattern.n, pattern.m
+        pruned = torch.zeros(block.shape, dtype=torch.bool, device=block.device)
     else:
-        keep = _slice_keep((block.t() / diag).square(), pattern, sparsity, rows, Wt.shape[0], start, stop)
-    scale = (~keep).t() / diag.unsqueeze(1)  # (width, out): error per unit of weight, 0 where kept
-    for i in range(stop - start):
-        if is_nm and i % pattern.m == 0:
-            group = slice(i, i + pattern.m)
-            keep[:, group] = pattern.mask((block[group].t() / diag[group]).square())
-            scale[group] = (~keep[:, group]).t() / diag[group].unsqueeze(1)
-        error = torch.mul(block[i], scale[i], out=errors[i])  # only pruned entries carry an error
-        block[i:].addr_(hinv_block[i, i:], error, alpha=-1.0)
-    block.masked_fill_(~keep.t(), 0.0)  # pruned entries are now exactly +0.0
-    Wt[start:stop] = block
-    return keep, errors
+        n = m = 0
+        scores = (block.t() / hinv_block.diagonal()).square()
+        pruned = (~_slice_keep(scores, pattern, sparsity, rows, Wt.shape[0], start, stop)).t().contiguous()
+    errors = torch.zeros_like(block)
+    sweep = sweep_op() if _op_can_sweep(block, hinv_block, m) else sweep_reference
+    sweep(block, hinv_block, pruned, errors, n, m)
+    return ~pruned.t(), errors
+
+
+@functools.cache
+def sweep_op():
+    """The C++ sweep of the best ISA this CPU runs (`kernels/csrc/sparsegpt.h`), or None."""
+    from sparsetorch.kernels.build import best_ops  # here: the kernels package imports oneshot
+
+    ops = best_ops()
+    return None if ops is None else ops.sparsegpt_sweep
+
+
+def _op_can_sweep(block: Tensor, hinv_block: Tensor, m: int) -> bool:
+    return (
+        block.device.type == "cpu"
+        and hinv_block.device.type == "cpu"
+        and hinv_block.dtype == torch.float32
+        and hinv_block.stride(1) == 1
+        and m <= MAX_OP_GROUP
+        and sweep_op() is not None
+    )
+
+
+MAX_OP_GROUP = 64  # the C++ sweep's largest m (kMaxGroup)
+
+
+def sweep_reference(block: Tensor, hinv: Tensor, pruned: Tensor, errors: Tensor, n: int, m: int) -> None:
+    """The sweep in torch ops, on any device: the C++ op's reference and fallback.
+
+    block (width, out) is swept in place; pruned (width, out) is given (m == 0) or, for
+    n:m, chosen every m columns from the updated weights; errors (width, out) receives
+    each column's error (0 where kept). Pruned weights end as exactly +0.0.
+    """
+    diag = hinv.diagonal()
+    scale = pruned / diag.unsqueeze(1)  # error per unit of weight, 0 where kept
+    for i in range(block.shape[0]):
+        if m and i % m == 0:
+            group = slice(i, i + m)
+            pruned[group] = ~NM(n, m).mask((block[group].t() / diag[group]).square()).t()
+            scale[group] = pruned[group] / diag[group].unsqueeze(1)
+        torch.mul(block[i], scale[i], out=errors[i])
+        block[i:].addr_(hinv[i, i:], errors[i], alpha=-1.0)
+    block.masked_fill_(pruned, 0.0)
