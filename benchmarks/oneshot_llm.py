@@ -40,10 +40,10 @@ CONFIGS = [  # (method, pattern label, our pattern, llm-compressor mask_structur
 ]
 
 
-# sparsetorch's variants, LAYER_INPUTS:CALIB_DTYPE: the default (the papers' and llm-compressor's
-# statistics), 'mixed', and the single pass, all in fp32 (bf16 statistics, e.g. mixed:bfloat16, are
+# sparsetorch's variants, LAYER_INPUTS:CALIB_DTYPE: the default ('mixed'), the papers' and llm-compressor's
+# statistics ('dense'), and the single pass, all in fp32 (bf16 statistics, e.g. mixed:bfloat16, are
 # no faster here since calibration attention skips its masked half, and their perplexity is fragile).
-VARIANTS = ("dense:model", "mixed:model", "pruned:model")
+VARIANTS = ("mixed:model", "dense:model", "pruned:model")
 
 
 def _variant(text: str) -> str:
@@ -211,7 +211,7 @@ def main() -> None:
     w.add_argument("--pattern", required=True)
     w.add_argument("--calibration", required=True)
     w.add_argument("--out", required=True)
-    w.add_argument("--layer-inputs", default="dense")
+    w.add_argument("--layer-inputs", default="mixed")
     w.add_argument("--calib-dtype", default="model")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
@@ -265,10 +265,10 @@ def main() -> None:
         table,
         "",
         "llm-compressor's magnitude modifier is a training-time schedule with no one-shot counterpart, so "
-        "magnitude has no reference row. `layer_inputs`: 'dense' (the default) calibrates every layer of a block "
+        "magnitude has no reference row. `layer_inputs`: 'dense' calibrates every layer of a block "
         "on the dense block's activations, as the Wanda and SparseGPT papers and llm-compressor do (a statistics "
-        "pass, then a pass of the pruned block for the next block's inputs); 'mixed' does the same except for "
-        "the block's last layer (down_proj), calibrated inside the pruned block's pass; 'pruned' calibrates each "
+        "pass, then a pass of the pruned block for the next block's inputs); 'mixed' (the default) does the same "
+        "except for the block's last layer (down_proj), calibrated inside the pruned block's pass; 'pruned' calibrates each "
         "layer on the outputs of the already-pruned layers before it, in a single pass. 'bfloat16 statistics': "
         "the statistics pass runs in bf16 autocast, the pass that feeds the next block in fp32.",
         "",

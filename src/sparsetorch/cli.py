@@ -64,12 +64,12 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
                        help="modules to prune: names, class names or 're:<regex>' (default: every Linear)")
     group.add_argument("--ignore", nargs="+", default=["lm_head"], help="modules to keep dense (default: lm_head)")
     group.add_argument("--blocks", help="dotted path of the decoder-block list, for model families sparsetorch does not know")
-    group.add_argument("--layer-inputs", choices=list(LAYER_INPUTS), default="dense",
-                       help="'dense': calibrate each layer on the dense block's activations (two passes per block, "
-                            "the papers' way); 'pruned': on the outputs of the already-pruned layers before it (one "
-                            "pass; faster, lower quality at 2:4); 'mixed': 'dense' for all but the block's last "
-                            "layer (the MLP's down projection), which is calibrated inside the pruned block's pass "
-                            "(1.25 passes). Default: dense")
+    group.add_argument("--layer-inputs", choices=list(LAYER_INPUTS), default="mixed",
+                       help="'mixed': calibrate each layer but the block's last on the dense block's activations, "
+                            "the last (the MLP's down projection) inside the pruned block's pass (1.25 passes per "
+                            "block); 'dense': every layer on the dense block's activations (1.75 passes, the "
+                            "papers' way, llm-compressor's statistics); 'pruned': each layer on the outputs of the "
+                            "already-pruned layers before it (one pass; lower quality at 2:4). Default: mixed")
     group.add_argument("--calib-dtype", choices=list(CALIB_DTYPES), default="model",
                        help="precision of the forwards that only gather statistics (the dense block's, with "
                             "--layer-inputs dense or mixed): 'model' keeps the model's dtype; 'bfloat16' runs an "

@@ -58,6 +58,7 @@ def _gated_mlp_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
     def forward(x: Tensor) -> Tensor:
         gate, up = module.gate_proj(x), module.up_proj(x)  # the original's order: hooks see the same sequence
         hidden = fused_ops().silu_mul(gate, up) if _plain(gate, up) else module.act_fn(gate) * up
+        del gate, up  # free before down_proj: a calibration batch paused at its hook would hold them
         return module.down_proj(hidden)
 
     return forward

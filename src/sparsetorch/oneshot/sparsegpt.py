@@ -5,6 +5,12 @@ inverse Hessian spreads over the columns not yet visited. Updates are applied la
 one block of columns at a time, so the expensive part is one matrix product per block.
 The mask is chosen adaptively from the *updated* weights: for every block of columns
 (unstructured and block patterns), or for every group of M columns (N:M).
+
+Inside a block, the column-by-column sweep runs as a C++ op on float32 CPU tensors
+(`kernels/csrc/sparsegpt.h`: slices of rows, each through the whole block in L1); as
+torch ops its per-column calls were most of the solve time (0.385 against 0.25 s per
+SmolLM2 block with the op). `sweep_reference` is the same sweep in torch ops: the op's
+test reference, and what runs on other devices or without a compiler.
 """
 
 from __future__ import annotations
