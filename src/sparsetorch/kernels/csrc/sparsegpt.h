@@ -2,7 +2,7 @@
 //
 // Pruning column i leaves an error that row i of the inverse-Hessian factor spreads over the
 // columns after it in the block: width^2/2 rank-1 updates, one column at a time. As torch ops that
-// is a handful of small calls per column, and their call overhead was 90% of SparseGPT's solve
+// is a handful of small calls per column, whose overhead was about half of SparseGPT's solve
 // time. Every weight row is independent of the others (the factor is shared, the mask is per row
 // or fixed in advance), so here each task sweeps a slice of rows through the whole block, with the
 // slice's columns resident in L1 and the row loop vectorized.
