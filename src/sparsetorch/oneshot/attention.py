@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from sparsetorch.oneshot.precision import plain_fp32_cpu
+
 __all__ = ["calibration_attention", "causal_attention_op", "kernel_causal_attention"]
 
 NAME = "sparsetorch_causal"
@@ -53,8 +55,8 @@ def _kernel_can_run(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
         causal
         and attention_mask is None
         and dropout == 0.0
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in (query, key, value))
-        and not torch.is_autocast_enabled("cpu")
+        and plain_fp32_cpu(query, key, value)
+        and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
         and query.shape[2] == key.shape[2]
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
         and query.shape[1] % key.shape[1] == 0

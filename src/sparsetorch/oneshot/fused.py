@@ -20,8 +20,9 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
-import torch
 from torch import Tensor, nn
+
+from sparsetorch.oneshot.precision import plain_fp32_cpu
 
 __all__ = ["FAMILIES", "fused_elementwise", "fused_ops"]
 
@@ -37,10 +38,8 @@ def fused_ops():
 
 
 def _plain(*tensors: Tensor) -> bool:
-    """Contiguous float32 CPU tensors, outside autocast: what the kernels take."""
-    return not torch.is_autocast_enabled("cpu") and all(
-        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors
-    )
+    """Contiguous float32 CPU tensors, outside autocast: what the norm and gating kernels take."""
+    return plain_fp32_cpu(*tensors) and all(t.is_contiguous() for t in tensors)
 
 
 def _rms_norm_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -76,8 +75,7 @@ def _rotary(original: Callable) -> Callable:
             and cos.shape[1:] == q.shape[2:] == k.shape[2:]
             and q.shape[-1] % 2 == 0
             and q.stride(-1) == k.stride(-1) == cos.stride(-1) == 1
-            and not torch.is_autocast_enabled("cpu")
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, cos, sin))
+            and plain_fp32_cpu(q, k, cos, sin)
         ):
             return fused_ops().rotary(q, k, cos, sin)
         return original(q, k, cos, sin, unsqueeze_dim)

@@ -28,7 +28,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-__all__ = ["CALIB_DTYPES", "calibration_dtype", "calibration_precision", "full_precision"]
+__all__ = ["CALIB_DTYPES", "calibration_dtype", "calibration_precision", "full_precision", "plain_fp32_cpu"]
 
 # 'model': the model's own dtype (the default); 'bfloat16': bf16 autocast whatever the
 # hardware; 'auto': bf16 only where the hardware multiplies it natively.
@@ -75,3 +75,11 @@ def calibration_precision(model: nn.Module, choice: str = "model"):
 def full_precision(device: torch.device) -> torch.autocast:
     """Autocast off: solvers run in the weights' own dtype even inside a calibration forward."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def plain_fp32_cpu(*tensors: torch.Tensor) -> bool:
+    """float32 CPU tensors outside CPU autocast: what the calibration forwards' C++ kernels take
+    (each kernel adds its own layout conditions)."""
+    return not torch.is_autocast_enabled("cpu") and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors
+    )
