@@ -22,6 +22,7 @@ from contextlib import ExitStack, contextmanager
 
 from torch import Tensor, nn
 
+from sparsetorch.oneshot.overrides import instance_forward, module_global
 from sparsetorch.oneshot.precision import plain_fp32_cpu
 
 __all__ = ["FAMILIES", "fused_elementwise", "fused_ops"]
@@ -84,31 +85,6 @@ def _rotary(original: Callable) -> Callable:
 
 
 @contextmanager
-def _instance_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
-    """Set `module.forward` for the context; put back whatever the instance had (accelerate
-    hooks set one), else let the class's forward show through again."""
-    had = module.__dict__.get("forward")
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if had is None:
-            del module.forward
-        else:
-            module.forward = had
-
-
-@contextmanager
-def _module_global(namespace: object, name: str, value: object) -> Iterator[None]:
-    original = getattr(namespace, name)
-    setattr(namespace, name, value)
-    try:
-        yield
-    finally:
-        setattr(namespace, name, original)
-
-
-@contextmanager
 def fused_elementwise(model: nn.Module) -> Iterator[None]:
     """Run `model`'s RMSNorm, rotary embedding and SiLU-gated MLP through fused kernels
     inside the context, if it is a Llama, Mistral or Qwen2 model; otherwise do nothing."""
@@ -121,12 +97,12 @@ def fused_elementwise(model: nn.Module) -> Iterator[None]:
         for module in model.modules():
             kind = type(module).__name__
             if kind == f"{prefix}RMSNorm" and hasattr(module, "variance_epsilon"):
-                stack.enter_context(_instance_forward(module, _rms_norm_forward(module)))
+                stack.enter_context(instance_forward(module, _rms_norm_forward(module)))
             elif kind == f"{prefix}MLP" and type(getattr(module, "act_fn", None)).__name__ in _SILU:
-                stack.enter_context(_instance_forward(module, _gated_mlp_forward(module)))
+                stack.enter_context(instance_forward(module, _gated_mlp_forward(module)))
         modeling = sys.modules.get(f"transformers.models.{family}.modeling_{family}")
         if modeling is not None and hasattr(modeling, "apply_rotary_pos_emb"):
             stack.enter_context(
-                _module_global(modeling, "apply_rotary_pos_emb", _rotary(modeling.apply_rotary_pos_emb))
+                module_global(modeling, "apply_rotary_pos_emb", _rotary(modeling.apply_rotary_pos_emb))
             )
         yield

@@ -28,6 +28,7 @@ from sparsetorch.oneshot.calibrate import StopPoints, calibrate_and_prune
 from sparsetorch.oneshot.capture import block_forward, capture_block_calls, model_forward
 from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.fused import fused_elementwise
+from sparsetorch.oneshot.linears import packed_linears
 from sparsetorch.oneshot.precision import calibration_precision, full_precision
 from sparsetorch.oneshot.report import LayerReport, PruneReport
 from sparsetorch.oneshot.resume import ResumeCheckpoint
@@ -84,8 +85,9 @@ def prune(
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
                 pruner.prune(module, None)
         else:
-            # causal attention without the masked half's work; one-pass norms, rotary and gating
-            with calibration_attention(model), fused_elementwise(model):
+            # causal attention without the masked half's work; one-pass norms, rotary and gating;
+            # weights packed once for all calibration batches
+            with calibration_attention(model), fused_elementwise(model), packed_linears(model):
                 _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
     return pruner.report(time.perf_counter() - started)
 

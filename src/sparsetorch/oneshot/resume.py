@@ -77,7 +77,7 @@ class ResumeCheckpoint:
             for key, tensor in load_file(self.directory / f"block-{index:04d}.safetensors").items():
                 name, kind = key.rsplit(".", 1)
                 if kind == "weight":
-                    modules[name].weight.data.copy_(tensor)
+                    modules[name].weight.detach().copy_(tensor)  # bumps the version: see set_weight_matrix
                 else:
                     masks[name] = tensor.bool()
         for name, record in progress["layers"].items():
