@@ -36,8 +36,8 @@ class PruneConfig:
             statistics as llm-compressor); 'pruned' each layer on the outputs of the
             already-pruned layers before it (one forward). Measured in
             benchmarks/RESULTS.md: 'mixed' within 0.5% of 'dense' for Wanda and within
-            SparseGPT's run-to-run spread, in 0.75-0.85x its time; 'pruned' +4.8% for
-            Wanda at 2:4.
+            SparseGPT's run-to-run spread, in 0.77-0.87x its time; 'pruned' +2-5% for
+            Wanda and SparseGPT at 2:4.
         calib_dtype: precision of the forwards that only gather statistics (the dense
             block's, in 'dense' and 'mixed'): 'model' (default) keeps the model's own
             dtype; 'bfloat16' runs an fp32 model's matmuls there in bf16 autocast, about

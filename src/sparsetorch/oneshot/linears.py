@@ -8,9 +8,10 @@ oneDNN's matmul instead (`torch.ops.mkldnn._linear_pointwise`, the op torch.comp
 CPU backend emits for linears) on a weight reordered once into oneDNN's layout, and
 again only when the weight changes: pruning writes it in place (`set_weight_matrix`),
 which bumps the tensor's version counter. Measured here on SmolLM2-135M's calibration
-products (2048 rows): 205-220 against 188-200 GFLOP/s, and a Wanda 2:4 prune of 8 blocks
-14.8-15.0 s against 16.1-16.7 s. The results equal MKL's to float32 rounding (another
-order of accumulation; tested).
+products (2048 rows): 205-220 against 188-200 GFLOP/s; a Wanda 2:4 prune of 8 blocks
+14.9-15.2 s against 16.5-17.3 s with the same masks, and of the whole model 56-57 s
+against 63 s (benchmarks/RESULTS.md). The products equal MKL's to float32 rounding
+(another order of accumulation; tested).
 
 Only the packed weights of the last `KEEP` layers used are kept (the pipeline runs one
 block at a time), so memory grows by about one block's weights at most. Anything but
