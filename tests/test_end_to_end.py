@@ -58,6 +58,7 @@ def test_demo_writes_report_and_prints_the_comparison(bundled, tmp_path, capsys)
                  "--decode-tokens", "4", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "| dense |" in printed and "| wanda unstructured-row |" in printed and str(out) in printed
+    assert "| wanda unstructured-row + sparse kernels |" in printed and "layers sparse" in printed
     for name in ("report.md", "report.png", "sparsity.png", "sparsity.json", "model.safetensors"):
         assert (out / name).exists(), name
     assert "perplexity" in (out / "report.md").read_text()
