@@ -4,8 +4,8 @@ torch's float32 `nn.Linear` on CPU calls MKL's sgemm, which packs the weight int
 blocked layout again on every call and zero-fills the output in a pass of its own. A
 calibration forward multiplies the same weight by every batch of windows (16 batches of
 4 in the benchmark), so inside `packed_linears(model)` each plain `nn.Linear` runs
-oneDNN's matmul instead (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's
-CPU backend emits for linears) on a weight reordered once into oneDNN's layout, and
+oneDNN's matmul instead (`torch.ops.mkldnn._linear_pointwise`, shipped with torch) on a
+weight reordered once into oneDNN's layout, and
 again only when the weight changes: pruning writes it in place (`set_weight_matrix`),
 which bumps the tensor's version counter. Measured here on SmolLM2-135M's calibration
 products (2048 rows): 205-220 against 188-200 GFLOP/s; a Wanda 2:4 prune of 8 blocks
@@ -14,7 +14,8 @@ against 63 s (benchmarks/RESULTS.md). The products equal MKL's to float32 roundi
 (another order of accumulation; tested).
 
 Only the packed weights of the last `KEEP` layers used are kept (the pipeline runs one
-block at a time), so memory grows by about one block's weights at most. Anything but
+block at a time), so memory grows by at most that many layers' weights (about two Llama
+blocks'). Anything but
 float32 CPU tensors outside autocast and autograd goes to the layer's own forward, and
 so does everything on a torch build without oneDNN.
 """
