@@ -48,7 +48,7 @@ def prepare(name: str, samples: int, seqlen: int) -> Path:
     windows = calibration_windows(tokenizer, demo_text().calibration, samples, seqlen, seed=0)
     pattern, sparsity = PATTERNS[name]
     report = sparsetorch.prune(model, windows, method="wanda", pattern=pattern, sparsity=sparsity, progress=False)
-    save_pruned(model, out, report, tokenizer=tokenizer, source=str(path), overwrite=True)
+    save_pruned(model, out, report.to_dict(), tokenizer=tokenizer, source=str(path), overwrite=True)
     return out
 
 

@@ -40,10 +40,10 @@ CONFIGS = [  # (method, pattern label, our pattern, llm-compressor mask_structur
 ]
 
 
-# sparsetorch's variants, LAYER_INPUTS:CALIB_DTYPE: the default ('mixed'), the papers' and llm-compressor's
-# statistics ('dense'), and the single pass, all in fp32 (bf16 statistics, e.g. mixed:bfloat16, are
-# no faster here since calibration attention skips its masked half, and their perplexity is fragile).
-VARIANTS = ("mixed:model", "dense:model", "pruned:model")
+# sparsetorch's variants, LAYER_INPUTS:CALIB_DTYPE: the default, the papers' and llm-compressor's statistics
+# ('dense'), and the opt-in faster orders ('mixed', 'pruned'), all in fp32 (bf16 statistics, e.g.
+# dense:bfloat16, make the perplexity fragile: benchmarks/RESULTS.md).
+VARIANTS = ("dense:model", "mixed:model", "pruned:model")
 
 
 def _variant(text: str) -> str:
@@ -203,6 +203,20 @@ def tables(runs: list[Run], dense: float) -> str:
     return "\n".join(lines)
 
 
+def prepare_data(samples: int, seqlen: int, eval_tokens: int, name: str) -> tuple[Path, object, Path, torch.Tensor]:
+    """(the bundled model's directory, the text split, calibration windows saved as WORK/name, held-out windows)."""
+    from sparsetorch.data import calibration_windows, demo_text, evaluation_windows
+    from sparsetorch.models import demo_model_dir, load_model
+
+    WORK.mkdir(exist_ok=True)
+    model_dir = demo_model_dir()
+    _, tokenizer, _ = load_model(None, progress=False)
+    split = demo_text()
+    calibration = WORK / name
+    torch.save(calibration_windows(tokenizer, split.calibration, samples, seqlen, seed=0), calibration)
+    return model_dir, split, calibration, evaluation_windows(tokenizer, split.evaluation, eval_tokens, seqlen)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -211,7 +225,7 @@ def main() -> None:
     w.add_argument("--pattern", required=True)
     w.add_argument("--calibration", required=True)
     w.add_argument("--out", required=True)
-    w.add_argument("--layer-inputs", default="mixed")
+    w.add_argument("--layer-inputs", default="dense")
     w.add_argument("--calib-dtype", default="model")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
@@ -229,17 +243,8 @@ def main() -> None:
         worker(args)
         return
 
-    from sparsetorch.data import calibration_windows, demo_text, evaluation_windows
-    from sparsetorch.models import demo_model_dir, load_model
-
-    WORK.mkdir(exist_ok=True)
     started, machine_line = time.time(), machine()  # the load average as the run begins
-    model_dir = demo_model_dir()
-    _, tokenizer, _ = load_model(None, progress=False)
-    split = demo_text()
-    calibration = WORK / "calibration.pt"
-    torch.save(calibration_windows(tokenizer, split.calibration, args.samples, args.seqlen, seed=0), calibration)
-    windows = evaluation_windows(tokenizer, split.evaluation, args.eval_tokens, args.seqlen)
+    model_dir, split, calibration, windows = prepare_data(args.samples, args.seqlen, args.eval_tokens, "calibration.pt")
     ref_python = None if args.skip_reference else reference_python(args.reference_python)
     runs = prune_all(calibration, ref_python, model_dir, args.variants, args.methods)
     dense = evaluate_all(runs, windows)
@@ -266,8 +271,8 @@ def main() -> None:
         "",
         "llm-compressor's magnitude modifier is a training-time schedule with no one-shot counterpart, so "
         "magnitude has no reference row. `layer_inputs`: 'dense' calibrates every layer of a block "
-        "on the dense block's activations, as the Wanda and SparseGPT papers and llm-compressor do (a statistics "
-        "pass, then a pass of the pruned block for the next block's inputs); 'mixed' (the default) does the same "
+        "on the dense block's activations, as the Wanda and SparseGPT papers and llm-compressor do (the default; a statistics "
+        "pass, then a pass of the pruned block for the next block's inputs); 'mixed' does the same "
         "except for the block's last layer (down_proj), calibrated inside the pruned block's pass; 'pruned' calibrates each "
         "layer on the outputs of the already-pruned layers before it, in a single pass. 'bfloat16 statistics': "
         "the statistics pass runs in bf16 autocast, the pass that feeds the next block in fp32.",

@@ -33,10 +33,12 @@ def test_bench_compares_dense_and_sparse_in_one_run(pruned_dir, tmp_path, capsys
 
 
 def run_worker(directory, out, variant: str, decoder: str, ids=None) -> dict:
-    extra = [] if ids is None else ["--ids", str(ids)]
-    subprocess.run([sys.executable, "-m", "sparsetorch.evaluate.bench_worker", str(directory), "--variant", variant,
-                    "--decoder", decoder, "--prefill-tokens", "16", "--decode-tokens", "6", "--repeats", "1",
-                    "--runtime", '{"policy": "always"}', *extra, "--out", str(out)], check=True)
+    job = {"directory": str(directory), "variant": variant, "decoder": decoder, "prefill_tokens": 16,
+           "decode_tokens": 6, "repeats": 1, "runtime": {"policy": "always"}}
+    if ids is not None:
+        job["ids"] = json.loads(ids.read_text())
+    (tmp := out.with_suffix(".job.json")).write_text(json.dumps(job))
+    subprocess.run([sys.executable, "-m", "sparsetorch.evaluate.bench_worker", str(tmp), str(out)], check=True)
     return json.loads(out.read_text())
 
 

@@ -115,3 +115,34 @@ def test_unknown_family_says_how_to_pass_targets(tmp_path, text_files, capsys):
     assert main(_prune_args(path, tmp_path / "o", text_files[0])) == 2
     err = capsys.readouterr().err
     assert "no block layout for model type 'bert'" in err and "--blocks" in err and "--targets" in err
+
+
+def test_demo_options_default_to_the_demo_command_defaults():
+    from dataclasses import fields
+
+    from sparsetorch.cli import build_parser
+    from sparsetorch.evaluate.demo import DemoOptions
+
+    args = build_parser().parse_args(["demo"])
+    assert DemoOptions() == DemoOptions(**{f.name: getattr(args, f.name) for f in fields(DemoOptions)})
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"seqlen": 1}, "seqlen must be an integer of at least 2, got 1"),
+    ({"calib_samples": 0}, "calib_samples must be an integer of at least 1, got 0"),
+    ({"eval_tokens": 100, "seqlen": 512}, "eval_tokens must hold at least one window of seqlen=512 tokens, got 100"),
+    ({"codec": "gzip"}, "codec must be one of ['zstd', 'none'], got 'gzip'"),
+])
+def test_demo_options_name_the_bad_value(changes, message):
+    from sparsetorch.evaluate.demo import DemoOptions
+
+    with pytest.raises(ValueError) as err:
+        DemoOptions(**changes)
+    assert str(err.value) == message
+
+
+def test_demo_rejects_bad_counts_before_loading_anything(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--decode-tokens", "1", "--out", str(out), "--quiet"]) == 2
+    assert "decode_tokens must be an integer of at least 2, got 1" in capsys.readouterr().err
+    assert not out.exists()

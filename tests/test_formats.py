@@ -90,7 +90,7 @@ def _same_bits(a, b):
 def _pruned(tmp_path, codec_name="zstd", tie=True):
     model = tiny_llama(tie=tie)
     report = sparsetorch.prune(model, calibration_ids(), method="sparsegpt", progress=False)
-    out = save_pruned(model, tmp_path / "out", report, calibration={"samples": 8}, codec=codec_name)
+    out = save_pruned(model, tmp_path / "out", report.to_dict(), calibration={"samples": 8}, codec=codec_name)
     return model, report, out
 
 
@@ -127,6 +127,19 @@ def test_sparsity_record(tmp_path):
     config = json.loads((out / "compressed" / "config.json").read_text())["quantization_config"]
     assert config["sparsity_config"]["format"] == "sparse-bitmask"
     assert config["sparsity_config"]["sparsity_structure"] == "unstructured"
+    extras = {"source_model": None, "calibration": {"samples": 8},
+              "files": {"dense": "model.safetensors", "compressed": "compressed/model.safetensors", "codec": "zstd"}}
+    assert (out / "sparsity.json").read_text() == json.dumps(report.to_dict() | extras, indent=2)
+
+
+def test_save_pruned_takes_the_report_as_plain_data(tmp_path):
+    model, report, _ = _pruned(tmp_path)
+    record = report.to_dict()
+    save_pruned(model, tmp_path / "second", record)
+    assert record == report.to_dict()  # the caller's dict is not extended in place
+    with pytest.raises(TypeError, match=r"pass report\.to_dict\(\)"):
+        save_pruned(model, tmp_path / "third", report)
+    assert not (tmp_path / "third").exists()
 
 
 def test_compressed_file_is_smaller(tmp_path):
@@ -141,9 +154,9 @@ def test_existing_output_is_refused_and_left_alone(tmp_path):
     model, report, out = _pruned(tmp_path)
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
-        save_pruned(model, out, report)
+        save_pruned(model, out, report.to_dict())
     assert sorted(p.name for p in out.iterdir()) == before
-    save_pruned(model, out, report, overwrite=True)
+    save_pruned(model, out, report.to_dict(), overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -154,7 +167,7 @@ def test_failed_save_leaves_no_partial_output(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        save_pruned(model, tmp_path / "second", report, finish=fail)
+        save_pruned(model, tmp_path / "second", report.to_dict(), finish=fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

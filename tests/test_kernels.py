@@ -11,10 +11,11 @@ from sparsetorch.formats.bitmask import BitmaskTensor
 from sparsetorch.formats.csr16 import Csr16Tensor
 from sparsetorch.formats.nm import NMTensor
 from sparsetorch.kernels import build, cpu, cpu_features, dispatch
-from sparsetorch.kernels.build import load_isa, module_name
+from sparsetorch.kernels.build import build_dir, load_isa, module_name
 from sparsetorch.kernels.cpu_features import supported_isas
 from sparsetorch.kernels.dispatch import bind_kernel, kernel_name
 from sparsetorch.kernels.registry import KernelRegistry
+from sparsetorch.models.ops import MODEL_OPS
 
 BACKENDS = [*supported_isas(), "torch"]
 SHAPES = [(37, 64), (40, 100), (130, 516), (8, 4)]
@@ -121,7 +122,10 @@ def test_isa_detection_follows_cpu_flags(monkeypatch):
 
 def test_builds_are_keyed_by_isa_and_sources():
     assert module_name("avx2") != module_name("avx512")
-    assert module_name("avx2").startswith("sparsetorch_avx2_") and module_name("avx2") == module_name("avx2")
+    assert module_name("avx2").startswith("sparsetorch_kernels_avx2_") and module_name("avx2") == module_name("avx2")
+    models = module_name("avx2", MODEL_OPS)  # the own model's ops: other sources, another module
+    assert models.startswith("sparsetorch_models_avx2_") and models.split("_")[-1] != module_name("avx2").split("_")[-1]
+    assert build_dir("avx2", MODEL_OPS) != build_dir("avx2")
     assert "-march=native" not in " ".join(flag for flags in cpu_features.ISA_FLAGS.values() for flag in flags)
 
 
@@ -132,10 +136,12 @@ def test_no_compiler_means_a_warning_and_the_fallback(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSETORCH_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "_compile", no_compiler)
     isa = supported_isas()[0]
-    build.load_isa.cache_clear()
+    build.load_extension.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not build its .* C.. kernels .*command not found"):
             assert build.load_isa(isa) is None
+        with pytest.warns(RuntimeWarning, match="could not build its .* C.. models .*command not found"):
+            assert build.load_extension(MODEL_OPS, isa) is None
         weight = make_weight("bitmask", 12, 40)
         x = torch.randn(2, 40)
         with warnings.catch_warnings():
@@ -143,4 +149,4 @@ def test_no_compiler_means_a_warning_and_the_fallback(monkeypatch, tmp_path):
             assert kernel_name(weight, x) == "torch"
         assert_matches_dense(bind_kernel(weight, x, "torch")(x, None), F.linear(x, weight.to_dense()))
     finally:
-        build.load_isa.cache_clear()
+        build.load_extension.cache_clear()

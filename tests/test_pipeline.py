@@ -6,7 +6,7 @@ from torch import nn
 
 import sparsetorch
 from conftest import calibration_ids, tiny_llama
-from sparsetorch.oneshot.calibrate import StopPoints
+from sparsetorch.oneshot.lockstep import StopPoints
 from sparsetorch.patterns import NM, Unstructured
 from sparsetorch.targets import weight_matrix
 
@@ -240,13 +240,15 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, layer_inputs):
     ids = calibration_ids()
     expected = sparsetorch.prune(reference, ids, config, progress=False)
 
-    def stop(*_):
-        raise KeyboardInterrupt
+    class InterruptedAfterTwoBlocks(ResumeCheckpoint):
+        def save(self, index, *args):
+            super().save(index, *args)
+            if index == 1:
+                raise KeyboardInterrupt
 
-    handle = interrupted.model.layers[2].mlp.up_proj.register_forward_pre_hook(stop)
     with pytest.raises(KeyboardInterrupt):
-        sparsetorch.prune(interrupted, ids, config, progress=False, checkpoint=ResumeCheckpoint(tmp_path, config, ids))
-    handle.remove()
+        sparsetorch.prune(interrupted, ids, config, progress=False,
+                          checkpoint=InterruptedAfterTwoBlocks(tmp_path, config, ids))
     assert json_blocks_done(tmp_path) == 2
     resumed = sparsetorch.prune(interrupted, ids, config, progress=False, checkpoint=ResumeCheckpoint(tmp_path, config, ids))
     assert resumed.layers.keys() == expected.layers.keys()
@@ -268,23 +270,26 @@ def json_blocks_done(directory):
 def test_mixed_statistics_forwards_of_later_blocks_stop_before_the_mlp_expansion(monkeypatch):
     """The first block's first batch runs to its down_proj to learn the layer order;
     blocks of the same layout then skip gate/up in every statistics batch, with the very
-    same masks as when each block learns the order again."""
+    same masks as when each block learns the order again. (An explicit `blocks` path runs
+    transformers' own blocks, whose gate_proj the test can hook.)"""
     def prune_counting_gate_calls(model):
         runs = []
         for layer in model.model.layers:
             layer.mlp.gate_proj.register_forward_hook(lambda *args: runs.append(1))
         report = sparsetorch.prune(model, calibration_ids(windows=8), method="wanda", layer_inputs="mixed",
-                                   batch_size=4, progress=False)
+                                   batch_size=4, blocks="model.layers", progress=False)
         return report, len(runs)
 
     torch.manual_seed(0)
     report, gate_runs = prune_counting_gate_calls(tiny_llama(layers=3))
-    # 2 batches: block 0 runs gate_proj in its first statistics batch and in its pruned pass, blocks 1-2 only in theirs
-    assert gate_runs == (1 + 2) + 2 + 2
+    # capturing the blocks' arguments runs the first batch through blocks 0-1 (block 2's hook ends it); then, over
+    # 2 batches, block 0 runs gate_proj in its first statistics batch and in its pruned pass, blocks 1-2 only in theirs
+    capture = 2
+    assert gate_runs == capture + (1 + 2) + 2 + 2
     monkeypatch.setattr(StopPoints, "find", lambda self, layout: None)  # every block learns the order itself
     torch.manual_seed(0)
     relearned, relearned_runs = prune_counting_gate_calls(tiny_llama(layers=3))
-    assert relearned_runs == 3 * (1 + 2)
+    assert relearned_runs == capture + 3 * (1 + 2)
     assert all(torch.equal(report.masks[name], relearned.masks[name]) for name in report.masks)
 
 

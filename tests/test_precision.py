@@ -1,5 +1,7 @@
 """Calibration precision: bf16 statistics forwards where asked; fp32 block outputs, sums and solvers always."""
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -7,8 +9,11 @@ from torch import nn
 import sparsetorch
 from conftest import calibration_ids, tiny_llama
 from sparsetorch.kernels.cpu_features import has_native_bf16
-from sparsetorch.oneshot.precision import calibration_dtype, calibration_precision
+from sparsetorch.models.llama import LeanLlama
+from sparsetorch.oneshot import pipeline
+from sparsetorch.oneshot.capture import calibration_model
 from sparsetorch.oneshot.stats import Gram
+from sparsetorch.precision import calibration_dtype, calibration_precision
 
 
 def test_calibration_dtype_choices():
@@ -42,29 +47,38 @@ def test_bf16_calibration_is_refused_where_it_has_no_statistics_forward():
     sparsetorch.PruneConfig(calib_dtype="auto", layer_inputs="pruned")  # 'auto': bf16 only where it applies
 
 
-def _linear_output_dtypes(calib_dtype, layer_inputs="dense"):
-    """The dtypes each target Linear produced during calibration, by layer name."""
+def _linear_output_dtypes(monkeypatch, calib_dtype, layer_inputs="dense"):
+    """The dtypes each target Linear produced during calibration, by layer name, in the model the
+    pipeline runs (sparsetorch's own, over the transformers model's weights)."""
     torch.manual_seed(0)
     model = tiny_llama()
-    names = {m: n for n, m in model.named_modules()}
-    seen = {}
+    seen, handles, runners = {}, [], []
 
-    def record(module, args, output):
-        seen.setdefault(names[module], set()).add(output.dtype)
+    def record(name, module, args, output):
+        seen.setdefault(name, set()).add(output.dtype)
 
-    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Linear)]
+    def hooked(*args, **kwargs):
+        runner, targets = calibration_model(*args, **kwargs)
+        runners.append(runner)
+        handles.extend(module.register_forward_hook(partial(record, name)) for name, module in targets.items())
+        return runner, targets
+
+    monkeypatch.setattr(pipeline, "calibration_model", hooked)
     report = sparsetorch.prune(model, calibration_ids(), method="sparsegpt", pattern="2:4", calib_dtype=calib_dtype,
                                layer_inputs=layer_inputs, progress=False)
     for handle in handles:
         handle.remove()
+    assert len(runners) == 1 and isinstance(runners[0], LeanLlama)
+    # every target's products were seen (the last block's down_proj may not run: its output feeds nothing)
+    assert {name for name in report.layers if ".layers.1." not in name} <= seen.keys()
     return seen, model, report
 
 
 @pytest.mark.parametrize("layer_inputs", ["dense", "mixed"])
-def test_bf16_calibration_runs_only_the_statistics_forward_in_bf16(layer_inputs):
+def test_bf16_calibration_runs_only_the_statistics_forward_in_bf16(layer_inputs, monkeypatch):
     """The dense block's matmuls run in bf16; the pruned block's, which make the next
     block's inputs, in fp32; the weights stay fp32."""
-    seen, model, report = _linear_output_dtypes("bfloat16", layer_inputs)
+    seen, model, report = _linear_output_dtypes(monkeypatch, "bfloat16", layer_inputs)
     for name, dtypes in seen.items():
         if ".layers.1." in name:  # the last block: 'dense' needs no outputs from it
             continue
@@ -76,7 +90,7 @@ def test_bf16_calibration_runs_only_the_statistics_forward_in_bf16(layer_inputs)
     assert all(layer.sparsity == 0.5 for layer in report.layers.values())
     assert not torch.is_autocast_enabled("cpu")  # the context is left behind
 
-    fp32_seen, _, fp32_report = _linear_output_dtypes("model", layer_inputs)
+    fp32_seen, _, fp32_report = _linear_output_dtypes(monkeypatch, "model", layer_inputs)
     assert set().union(*fp32_seen.values()) == {torch.float32}
     agree = [(report.masks[n] == fp32_report.masks[n]).float().mean() for n in report.masks]
     assert sum(agree) / len(agree) > 0.9  # the rounding of activations moves only near-tied weights
@@ -98,6 +112,6 @@ def test_solvers_run_in_full_precision_inside_a_calibration_forward():
         pruner = _LayerPruner(pruner_config, {"0": model[0]})
         context = calibration_precision(model, "bfloat16") if autocast else torch.autocast("cpu", enabled=False)
         with context:
-            pruner.prune(model[0], stat)
+            pruner.prune_group([model[0]], stat)
         results.append(model[0].weight.detach().clone())
     assert torch.equal(results[0], results[1])

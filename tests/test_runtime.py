@@ -49,7 +49,7 @@ def pruned_models():
 def pruned_dirs(pruned_models, tmp_path_factory):
     models, _ = pruned_models
     root = tmp_path_factory.mktemp("pruned")
-    return {pattern: save_pruned(model, root / pattern.replace(":", "of"), report)
+    return {pattern: save_pruned(model, root / pattern.replace(":", "of"), report.to_dict())
             for pattern, (model, report, _) in models.items()}
 
 

@@ -49,9 +49,8 @@ def _add_data_options(parser: argparse.ArgumentParser, calibration: bool, evalua
 
 
 def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> None:
-    from sparsetorch.oneshot.calibrate import LAYER_INPUTS
-    from sparsetorch.oneshot.precision import CALIB_DTYPES
-    from sparsetorch.oneshot.solvers import SOLVERS
+    from sparsetorch.oneshot import LAYER_INPUTS, SOLVERS
+    from sparsetorch.precision import CALIB_DTYPES
 
     group = parser.add_argument_group("pruning")
     methods = ", ".join(f"{name} ({solver.summary})" for name, solver in sorted(SOLVERS.items()))
@@ -64,12 +63,12 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
                        help="modules to prune: names, class names or 're:<regex>' (default: every Linear)")
     group.add_argument("--ignore", nargs="+", default=["lm_head"], help="modules to keep dense (default: lm_head)")
     group.add_argument("--blocks", help="dotted path of the decoder-block list, for model families sparsetorch does not know")
-    group.add_argument("--layer-inputs", choices=list(LAYER_INPUTS), default="mixed",
-                       help="'mixed': calibrate each layer but the block's last on the dense block's activations, "
-                            "the last (the MLP's down projection) inside the pruned block's pass (1.25 passes per "
-                            "block); 'dense': every layer on the dense block's activations (1.75 passes, the "
-                            "papers' way, llm-compressor's statistics); 'pruned': each layer on the outputs of the "
-                            "already-pruned layers before it (one pass; lower quality at 2:4). Default: mixed")
+    group.add_argument("--layer-inputs", choices=list(LAYER_INPUTS), default="dense",
+                       help="'dense': calibrate every layer on the dense block's activations (the papers' way, "
+                            "llm-compressor's statistics; 1.75 block passes); 'mixed': so for every layer but the "
+                            "block's last, the last (the MLP's down projection) inside the pruned block's pass "
+                            "(1.25 passes); 'pruned': each layer on the outputs of the already-pruned layers before "
+                            "it (one pass). The faster two change the result. Default: dense")
     group.add_argument("--calib-dtype", choices=list(CALIB_DTYPES), default="model",
                        help="precision of the forwards that only gather statistics (the dense block's, with "
                             "--layer-inputs dense or mixed): 'model' keeps the model's dtype; 'bfloat16' runs an "
@@ -335,7 +334,7 @@ def _cmd_prune(args) -> int:
     report = prune(model, windows, config, progress=not args.quiet, checkpoint=checkpoint)
     print(f"pruned {len(report.layers)} layers with {config.method} ({config.pattern}) in {report.seconds:.1f} s: "
           f"sparsity {report.sparsity:.2%}")
-    save_pruned(model, out, report, tokenizer=tokenizer, calibration=calibration, source=str(path),
+    save_pruned(model, out, report.to_dict(), tokenizer=tokenizer, calibration=calibration, source=str(path),
                 codec=args.codec, overwrite=args.overwrite)
     if checkpoint is not None:
         checkpoint.clear()
@@ -434,13 +433,16 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from sparsetorch.evaluate.demo import run_demo
+    from sparsetorch.evaluate.demo import DemoOptions, run_demo
 
+    options = DemoOptions(calib_samples=args.calib_samples, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
+                          decode_tokens=args.decode_tokens, seed=args.seed, codec=args.codec,
+                          overwrite=args.overwrite, quiet=args.quiet)
     config = _config_from_args(args)
     out = args.out or _default_out(None, config, root="demo-out")
     _check_out(out, args.overwrite)
     started = time.perf_counter()
-    run_demo(args, config, out)
+    run_demo(options, config, out)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0
 

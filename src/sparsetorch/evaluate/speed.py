@@ -3,7 +3,7 @@
 Dense and sparse models go through the very same loop, so their ratio measures the
 weights, not the harness. The loop is a plain KV-cache decode (no sampling, no
 `generate` bookkeeping), which is also what a lean server would run. It drives a
-transformers model or a `runtime.lean.LeanLlama` (anything with `new_cache`) alike.
+transformers model or a `models.llama.LeanLlama` (anything with `new_cache`) alike.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _last_logits_only(model: nn.Module) -> dict:
 
 
 def _is_lean(model: nn.Module) -> bool:
-    return hasattr(model, "new_cache")  # sparsetorch.runtime.lean.LeanLlama
+    return hasattr(model, "new_cache")  # sparsetorch.models.llama.LeanLlama
 
 
 def _start(model: nn.Module, prompt: Tensor) -> tuple[Tensor, object]:

@@ -3,13 +3,17 @@
 `save_pruned` writes the dense HF model, `sparsity.json` and the compressed form (see
 `sparsetorch.formats.checkpoint` for the layout); `load_pruned` reads either form back
 bit-exactly.
+
+Storage does not depend on how the model was pruned: `save_pruned` takes the run's record
+as plain data (`PruneReport.to_dict()`), so this module never imports `sparsetorch.oneshot`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +25,6 @@ from sparsetorch.formats.checkpoint import (
     load_compressed_model,
     write_compressed,
 )
-from sparsetorch.oneshot.report import PruneReport
 
 __all__ = ["SPARSITY_FILE", "load_pruned", "read_sparsity", "save_pruned", "structure_name"]
 
@@ -36,7 +39,7 @@ def structure_name(pattern: str) -> str:
 def save_pruned(
     model: nn.Module,
     out: str | Path,
-    report: PruneReport,
+    report: Mapping[str, Any],
     *,
     tokenizer=None,
     calibration: dict | None = None,
@@ -49,7 +52,10 @@ def save_pruned(
 
     Args:
         model: the pruned Hugging Face model.
-        report: what `sparsetorch.prune` returned for it.
+        report: `PruneReport.to_dict()` of the run, or any dict of that shape: 'method',
+            'pattern', 'sparsity', 'config' (with 'ignore'), 'seconds' and 'layers' (name to
+            per-layer record). Plain data, so storage needs nothing from the pruning code;
+            it becomes `sparsity.json` with 'source_model', 'calibration' and 'files' added.
         tokenizer: saved alongside so `out` is a complete model directory.
         calibration: how calibration windows were made (source, samples, seqlen, seed).
         source: where the unpruned model came from.
@@ -59,11 +65,15 @@ def save_pruned(
             files (reports, plots) that appear together with the model or not at all.
 
     Raises:
+        TypeError: `report` is not a mapping (e.g. a `PruneReport` itself).
         FileExistsError: `out` exists and overwrite is False (nothing is written).
 
     Example:
-        >>> save_pruned(model, "smollm2-50", report, tokenizer=tokenizer)
+        >>> save_pruned(model, "smollm2-50", report.to_dict(), tokenizer=tokenizer)
     """
+    if not isinstance(report, Mapping):
+        raise TypeError(f"save_pruned takes the report as a dict: pass report.to_dict(), "
+                        f"not a {type(report).__name__}")
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=True)
@@ -73,14 +83,14 @@ def save_pruned(
         write_compressed(
             model,
             compressed,
-            report.layers.keys(),
-            structure=structure_name(report.config.pattern),
-            ignore=report.config.ignore,
+            report["layers"].keys(),
+            structure=structure_name(report["pattern"]),
+            ignore=report["config"]["ignore"],
             codec=codec,
         )
         if tokenizer is not None:
             tokenizer.save_pretrained(compressed)
-        record = report.to_dict()
+        record = dict(report)  # a copy: the caller's dict stays as it was
         record["source_model"] = source
         record["calibration"] = calibration
         record["files"] = {

@@ -15,14 +15,16 @@ import hashlib
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sparsetorch.data import cache_dir
+from sparsetorch.cache import cache_dir
 from sparsetorch.kernels.cpu_features import ISA_FLAGS, supported_isas
 
-__all__ = ["CSRC", "best_loaded_isa", "best_ops", "build_dir", "load_isa", "module_name"]
+__all__ = ["CSRC", "KERNELS", "Extension", "best_loaded_isa", "best_ops", "build_dir", "load_extension", "load_isa",
+           "module_name"]
 
 CSRC = Path(__file__).parent / "csrc"
 # -fopenmp compiles at::parallel_for's pragmas (without it the kernels run on one thread); it is not
@@ -31,21 +33,35 @@ _COMMON_FLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-fopenmp", "-Wall")
 _DEFINE = {"avx512": "-DST_ISA_AVX512", "avx2": "-DST_ISA_AVX2", "scalar": "-DST_ISA_SCALAR"}
 
 
-def _sources() -> list[Path]:
-    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+@dataclass(frozen=True)
+class Extension:
+    """A library of torch ops compiled from one folder of C++ sources (`ops.cpp` and its headers).
+
+    `kind` names it in the module name: 'kernels' (sparse matmuls and solver ops, here) or
+    'models' (the own model path's ops, `sparsetorch/models/csrc`).
+    """
+
+    kind: str
+    csrc: Path
+
+    def sources(self) -> list[Path]:
+        return sorted(p for p in self.csrc.iterdir() if p.suffix in (".cpp", ".h"))
 
 
-def module_name(isa: str) -> str:
-    """`sparsetorch_<isa>_<hash>`: the hash covers the sources, flags and torch version."""
+KERNELS = Extension("kernels", CSRC)
+
+
+def module_name(isa: str, extension: Extension = KERNELS) -> str:
+    """`sparsetorch_<kind>_<isa>_<hash>`: the hash covers the sources, flags and torch version."""
     digest = hashlib.sha256()
-    for path in _sources():
+    for path in extension.sources():
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(" ".join((*_COMMON_FLAGS, *ISA_FLAGS[isa], torch.__version__)).encode())
-    return f"sparsetorch_{isa}_{digest.hexdigest()[:12]}"
+    return f"sparsetorch_{extension.kind}_{isa}_{digest.hexdigest()[:12]}"
 
 
-def build_dir(isa: str) -> Path:
-    return cache_dir() / "kernels" / module_name(isa)
+def build_dir(isa: str, extension: Extension = KERNELS) -> Path:
+    return cache_dir() / "kernels" / module_name(isa, extension)
 
 
 @contextlib.contextmanager
@@ -65,43 +81,39 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _compile(isa: str, name: str, directory: Path) -> None:
-    from torch.utils.cpp_extension import load
+def _compile(extension: Extension, isa: str, name: str, directory: Path) -> None:
+    from torch.utils.cpp_extension import load  # pulls in setuptools: only when a build is needed
 
     directory.mkdir(parents=True, exist_ok=True)
     flags = [*_COMMON_FLAGS, *ISA_FLAGS[isa], _DEFINE[isa], f"-DST_NAMESPACE={name}"]
-    load(name=name, sources=[str(CSRC / "ops.cpp")], extra_cflags=flags, build_directory=str(directory),
+    load(name=name, sources=[str(extension.csrc / "ops.cpp")], extra_cflags=flags, build_directory=str(directory),
          is_python_module=False, verbose=bool(os.environ.get("SPARSETORCH_VERBOSE_BUILD")))
 
 
 @functools.cache
-def load_isa(isa: str):
-    """The torch.ops namespace of the kernels built for `isa`, building them on first use.
+def load_extension(extension: Extension, isa: str):
+    """The torch.ops namespace of `extension` built for `isa`, building it on first use.
 
     Returns:
-        `torch.ops.<module_name(isa)>` with `csr16_linear`, `bitmask_linear`, `nm24_linear`
-        and `isa`; or None (after one warning) when this CPU lacks the ISA or no compiler works.
-
-    Example:
-        >>> ops = load_isa("avx2")
-        >>> y = ops.nm24_linear(x, values, indices, None, in_features, 9)
+        `torch.ops.<module_name(isa, extension)>`, which always has an `isa` op; or None (after
+        one warning) when this CPU lacks the ISA or no compiler works.
     """
     if isa not in supported_isas():
         return None
-    name = module_name(isa)
-    directory = build_dir(isa)
+    name = module_name(isa, extension)
+    directory = build_dir(isa, extension)
     library = directory / f"{name}.so"
     try:
         if not library.exists():
             with _exclusive(directory.parent / f"{name}.lock"):
                 if not library.exists():
-                    _compile(isa, name, directory)
+                    _compile(extension, isa, name, directory)
         if not hasattr(getattr(torch.ops, name), "isa"):
             torch.ops.load_library(str(library))
     except Exception as err:  # no compiler, no ninja, a failed build: all mean "use the fallback"
         warnings.warn(
-            f"sparsetorch could not build its {isa} C++ kernels ({type(err).__name__}: {str(err)[:300]}); "
-            "sparse layers use the slower pure-PyTorch kernels. Install g++ and ninja to get the fast ones.",
+            f"sparsetorch could not build its {isa} C++ {extension.kind} ({type(err).__name__}: {str(err)[:300]}); "
+            "the slower pure-PyTorch code serves instead. Install g++ and ninja to get the fast one.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -109,13 +121,24 @@ def load_isa(isa: str):
     return getattr(torch.ops, name)
 
 
-def best_loaded_isa(isas: tuple[str, ...] | None = None) -> str | None:
-    """The first of `isas` (default: every ISA this CPU runs, best first) whose kernels load, or None."""
-    return next((isa for isa in (supported_isas() if isas is None else isas) if load_isa(isa) is not None), None)
+def load_isa(isa: str):
+    """The sparse matmul kernels and solver ops built for `isa` (see `load_extension`).
+
+    Example:
+        >>> ops = load_isa("avx2")
+        >>> y = ops.nm24_linear(x, values, indices, None, in_features, 9)
+    """
+    return load_extension(KERNELS, isa)
+
+
+def best_loaded_isa(isas: tuple[str, ...] | None = None, extension: Extension = KERNELS) -> str | None:
+    """The first of `isas` (default: every ISA this CPU runs, best first) whose build loads, or None."""
+    candidates = supported_isas() if isas is None else isas
+    return next((isa for isa in candidates if load_extension(extension, isa) is not None), None)
 
 
 @functools.cache
-def best_ops():
-    """The torch.ops namespace of the best ISA whose kernels load, or None without a compiler."""
-    isa = best_loaded_isa()
-    return None if isa is None else load_isa(isa)
+def best_ops(extension: Extension = KERNELS):
+    """The torch.ops namespace of `extension` for the best ISA that loads, or None without a compiler."""
+    isa = best_loaded_isa(extension=extension)
+    return None if isa is None else load_extension(extension, isa)

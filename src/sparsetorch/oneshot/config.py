@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from sparsetorch.oneshot.calibrate import LAYER_INPUTS
-from sparsetorch.oneshot.precision import CALIB_DTYPES
 from sparsetorch.oneshot.solvers import SolverOptions, get_solver
 from sparsetorch.patterns import Pattern, parse_pattern
+from sparsetorch.precision import CALIB_DTYPES
 
 __all__ = ["DEFAULT_PATTERNS", "PruneConfig"]
 
@@ -29,15 +29,13 @@ class PruneConfig:
         ignore: module patterns to keep dense.
         blocks: dotted path of the decoder-block ModuleList, for families sparsetorch
             does not know.
-        layer_inputs: 'mixed' (default) calibrates every layer of a block but its last
-            on the dense block's activations, and the last (the MLP's down projection) on
-            what the pruned block feeds it (1.25 forwards per block); 'dense' every layer
-            on the dense block's activations (1.75 forwards, the papers' way, the same
-            statistics as llm-compressor); 'pruned' each layer on the outputs of the
-            already-pruned layers before it (one forward). Measured in
-            benchmarks/RESULTS.md: 'mixed' within 0.5% of 'dense' for Wanda and within
-            SparseGPT's run-to-run spread, in 0.77-0.87x its time; 'pruned' +2-5% for
-            Wanda and SparseGPT at 2:4.
+        layer_inputs: 'dense' (default, the papers' way and llm-compressor's) calibrates
+            every layer of a block on the dense block's activations (1.75 block forwards);
+            'mixed' does so for all but the block's last layer (the MLP's down projection),
+            calibrated on what the pruned block feeds it (1.25 forwards); 'pruned' calibrates
+            each layer on the outputs of the already-pruned layers before it (one forward).
+            The faster two change the result: see `oneshot/lockstep.py` and, for what they
+            measured, benchmarks/RESULTS.md.
         calib_dtype: precision of the forwards that only gather statistics (the dense
             block's, in 'dense' and 'mixed'): 'model' (default) keeps the model's own
             dtype; 'bfloat16' runs an fp32 model's matmuls there in bf16 autocast, about
@@ -61,7 +59,7 @@ class PruneConfig:
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ("lm_head",)
     blocks: str | None = None
-    layer_inputs: str = "mixed"
+    layer_inputs: str = "dense"
     calib_dtype: str = "model"
     batch_size: int = 4
     dampening: float = 0.01

@@ -1,15 +1,13 @@
 """The sequential block pipeline: prune a model one decoder block at a time.
 
-1. Capture what the model feeds block 0 (and the extra arguments every block gets)
-   for all calibration windows (`capture.py`).
-2. For block i, gather each target layer's input statistic and prune it
-   (`calibrate.py`: from the dense block's activations, or from the already-pruned
-   layers' outputs).
+1. Capture what the model feeds block 0 for all calibration windows (`capture.py`), running
+   sparsetorch's own model for the families it implements and transformers' blocks otherwise.
+2. For block i, gather each target layer's input statistic and prune it (`calibrate.py`: by
+   default from the dense block's activations, as the papers do).
 3. The pruned block's outputs are block i+1's inputs.
 
-Calibration windows run in small batches (4 windows per batch run a block ~30% faster
-on CPU than 64: the tensors stay in cache). Peak memory is one block plus the
-calibration activations, never the whole model's.
+Calibration windows run in small batches, which keep a block's tensors in cache. Peak memory is
+one block plus the calibration activations, never the whole model's.
 """
 
 from __future__ import annotations
@@ -23,17 +21,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sparsetorch.families import find_blocks, model_type
-from sparsetorch.oneshot.attention import calibration_attention
-from sparsetorch.oneshot.calibrate import StopPoints, calibrate_and_prune
-from sparsetorch.oneshot.capture import block_forward, capture_block_calls, model_forward
+from sparsetorch.oneshot.calibrate import LAYER_INPUTS, BlockWork
+from sparsetorch.oneshot.capture import block_batches, calibration_model, model_forward
 from sparsetorch.oneshot.config import PruneConfig
-from sparsetorch.oneshot.fused import fused_elementwise
-from sparsetorch.oneshot.linears import packed_linears
-from sparsetorch.oneshot.precision import calibration_precision, full_precision
 from sparsetorch.oneshot.report import LayerReport, PruneReport
 from sparsetorch.oneshot.resume import ResumeCheckpoint
 from sparsetorch.oneshot.solvers import get_solver
 from sparsetorch.oneshot.stats import Statistic
+from sparsetorch.precision import calibration_precision, full_precision
 from sparsetorch.targets import find_targets, set_weight_matrix, weight_matrix
 
 __all__ = ["prune"]
@@ -78,17 +73,17 @@ def prune(
         raise TypeError(f"pass either config or keyword options, not both (got {sorted(options)})")
     targets = find_targets(model, config.targets, config.ignore)
     _check_shapes(targets, config)
-    pruner = _LayerPruner(config, targets)
     started = time.perf_counter()
     with torch.no_grad():
-        if pruner.statistic is None:
+        if get_solver(config.method).statistic is None:
+            pruner = _LayerPruner(config, targets)
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
-                pruner.prune(module, None)
+                pruner.prune_group([module], None)
         else:
-            # causal attention without the masked half's work; one-pass norms, rotary and gating;
-            # weights packed once for all calibration batches
-            with calibration_attention(model), fused_elementwise(model), packed_linears(model):
-                _prune_with_calibration(model, _check_calibration(calibration), config, pruner, progress, checkpoint)
+            calibration = _check_calibration(calibration)
+            runner, targets = calibration_model(model, targets, calibration.shape[-1], config.blocks)
+            pruner = _LayerPruner(config, targets)
+            _prune_with_calibration(runner, calibration, config, pruner, progress, checkpoint)
     return pruner.report(time.perf_counter() - started)
 
 
@@ -127,9 +122,6 @@ class _LayerPruner:
     def pending(self, within: nn.Module) -> set[nn.Module]:
         return {m for m in within.modules() if m in self.names and self.names[m] not in self.layers}
 
-    def prune(self, module: nn.Module, stat: Statistic | None) -> None:
-        self.prune_group([module], stat)
-
     def prune_group(self, modules: list[nn.Module], stat: Statistic | None) -> None:
         """Prune layers that share one input (and so one statistic) together."""
         started = time.perf_counter()
@@ -167,38 +159,51 @@ def _prune_with_calibration(
     checkpoint: ResumeCheckpoint | None,
 ) -> None:
     chunks = list(calibration.split(config.batch_size))
+    strategy = LAYER_INPUTS[config.layer_inputs]()
     precision = partial(calibration_precision, model, config.calib_dtype)  # statistics forwards only
     blocks = find_blocks(model, config.blocks)
     if blocks is None:
-        if config.targets is None:
-            raise ValueError(
-                f"sparsetorch knows no block layout for model type {model_type(model)!r}: pass "
-                "blocks='path.to.layers' (CLI --blocks) naming its ModuleList of decoder blocks, or "
-                "targets=[...] (CLI --targets 're:.*mlp.*') to prune chosen layers in one whole-model pass"
-            )
-        forwards = [model_forward(model, chunk, keep_output=False) for chunk in chunks]
-        calibrate_and_prune(config.layer_inputs, pruner.pending(model), forwards, pruner, want_outputs=False,
-                            statistics_precision=precision)
+        _prune_whole_model(model, chunks, config, pruner, strategy, precision)
         return
     _check_all_inside(pruner, blocks)
     modules = dict(model.named_modules())
     start, saved = (0, None) if checkpoint is None else checkpoint.restore(modules, pruner.layers, pruner.masks)
-    hidden, calls = capture_block_calls(model, blocks, chunks)
-    hidden = hidden if saved is None else saved
+    batches = block_batches(model, blocks, chunks)
+    hidden = batches.hidden if saved is None else saved
     bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress)
-    stops = StopPoints()  # what one block's statistics forward learned, for the blocks like it
     for index in range(start, len(blocks)):
-        pending = pruner.pending(blocks[index])
+        block = blocks[index]
+        pending = pruner.pending(block)
         names = [pruner.names[m] for m in pending]
-        layout = {m: name for name, m in blocks[index].named_modules() if m in pending}
-        forwards = [block_forward(blocks[index], h, call) for h, call in zip(hidden, calls[index])]
-        last = index == len(blocks) - 1  # the last block's outputs feed nothing
-        hidden = calibrate_and_prune(config.layer_inputs, pending, forwards, pruner, want_outputs=not last,
-                                     statistics_precision=precision, stops=stops, layout=layout)
+        work = BlockWork(pending, batches.forwards(block, hidden), pruner, want_outputs=index < len(blocks) - 1,
+                         precision=precision, layout={m: name for name, m in block.named_modules() if m in pending})
+        hidden = strategy(work)
+        _check_all_pruned(pruner, work.pending)
         if checkpoint is not None:
             checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
         bar.update()
     bar.close()
+
+
+def _prune_whole_model(model: nn.Module, chunks: list[Tensor], config: PruneConfig, pruner: _LayerPruner,
+                       strategy, precision) -> None:
+    """Models with no known list of blocks: chosen targets, calibrated by whole-model forwards."""
+    if config.targets is None:
+        raise ValueError(
+            f"sparsetorch knows no block layout for model type {model_type(model)!r}: pass "
+            "blocks='path.to.layers' (CLI --blocks) naming its ModuleList of decoder blocks, or "
+            "targets=[...] (CLI --targets 're:.*mlp.*') to prune chosen layers in one whole-model pass"
+        )
+    work = BlockWork(pruner.pending(model), [model_forward(model, chunk) for chunk in chunks], pruner,
+                     want_outputs=False, precision=precision)
+    strategy(work)
+    _check_all_pruned(pruner, work.pending)
+
+
+def _check_all_pruned(pruner: _LayerPruner, pending: set[nn.Module]) -> None:
+    if pending:
+        names = sorted(pruner.names[m] for m in pending)
+        raise RuntimeError(f"these target layers never ran during calibration and were not pruned: {names}")
 
 
 def _check_all_inside(pruner: _LayerPruner, blocks: nn.ModuleList) -> None:

@@ -7,10 +7,10 @@ The mask is chosen adaptively from the *updated* weights: for every block of col
 (unstructured and block patterns), or for every group of M columns (N:M).
 
 Inside a block, the column-by-column sweep runs as a C++ op on float32 CPU tensors
-(`kernels/csrc/sparsegpt.h`: slices of rows, each through the whole block in L1); as
-torch ops its per-column calls were most of the solve time (0.385 against 0.25 s per
-SmolLM2 block with the op). `sweep_reference` is the same sweep in torch ops: the op's
-test reference, and what runs on other devices or without a compiler.
+(`kernels/csrc/sparsegpt.h`: slices of rows, each through the whole block in L1), since
+as torch ops the per-column call overhead would dominate the solve. `sweep_reference` is
+the same sweep in torch ops: the op's test reference, and what runs on other devices or
+without a compiler.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import functools
 import torch
 from torch import Tensor
 
+from sparsetorch.kernels.build import best_ops
 from sparsetorch.patterns import NM, Pattern
 
 __all__ = ["inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_prune_many"]
@@ -30,7 +31,7 @@ def inverse_hessian_factor(gram: Tensor, dampening: float) -> Tensor:
 
     LLM input Hessians are badly conditioned; factoring in double precision (cheap: one
     (in, in) matrix per group of layers) measurably lowers the pruned model's perplexity
-    compared with float32 (SmolLM2-135M at 50%: 59.5 vs 60.5). Dampening is raised
+    compared with float32. Dampening is raised
     tenfold (up to 1.0) if the matrix is still not positive definite, rather than giving
     up on the layer.
 
@@ -167,8 +168,6 @@ def _prune_block(
 @functools.cache
 def sweep_op():
     """The C++ sweep of the best ISA this CPU runs (`kernels/csrc/sparsegpt.h`), or None."""
-    from sparsetorch.kernels.build import best_ops  # here: the kernels package imports oneshot
-
     ops = best_ops()
     return None if ops is None else ops.sparsegpt_sweep
 

@@ -12,7 +12,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from sparsetorch.oneshot.precision import full_precision
+from sparsetorch.precision import full_precision
 
 __all__ = ["Gram", "InputSqNorms", "Statistic"]
 
@@ -58,9 +58,8 @@ class Gram(Statistic):
     rows: 5/8 of a full matmul's work (torch exposes no BLAS syrk). The lower triangle
     is mirrored in on first read. The product always runs in float32, also inside a
     bf16-autocast calibration forward (`precision.py`): a bf16 product rounds every
-    entry of each batch's sum, and SparseGPT's inverse amplifies that (measured +1% or
-    more perplexity at 2:4), while products of bf16-rounded activations are exact in
-    float32. Solvers may memoize derived matrices (SparseGPT's inverse factor) in
+    entry of each batch's sum, and SparseGPT's inverse amplifies that, while products of
+    bf16-rounded activations are exact in float32. Solvers may memoize derived matrices (SparseGPT's inverse factor) in
     `cache`, so layers that share an input (q/k/v) share that too.
     """
 

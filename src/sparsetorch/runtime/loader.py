@@ -90,7 +90,7 @@ def load_sparse_model(directory: str | Path, config: RuntimeConfig | None = None
             SparseLinear; 'measure' (default) keeps a layer dense where dense measured faster.
         timer: as for `runtime.compile`.
         skeleton: builds the model of a directory's config.json on the meta device; the default is
-            transformers' (`AutoModelForCausalLM`), `runtime.lean.lean_skeleton` needs no transformers.
+            transformers' (`AutoModelForCausalLM`), `runtime.lean.lean_skeleton` (sparsetorch.models.llama) needs no transformers.
 
     Returns:
         (the model in eval mode, the CompileReport of its layers).

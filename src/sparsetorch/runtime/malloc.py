@@ -6,9 +6,8 @@ large free it raises its mmap threshold from 128 KiB (up to 32 MiB), so later bu
 hundreds of KB to MBs (decoded layers, each decode's KV cache) come from the heap too, and the
 heap grows with fragments of them. `give_back_free_memory` trims the heap once;
 `fix_mmap_threshold` keeps the threshold at glibc's initial 128 KiB, so every larger buffer is
-its own mapping and goes back to the OS when freed. Measured on the 70% SmolLM2 decode benchmark
-(lean decoder, ids tokenized outside): the sparse worker's peak RSS 612 -> 570 MB (it grew with
-every repeated decode before), the dense worker's 837 -> 834 MB.
+its own mapping and goes back to the OS when freed, so a process's peak resident set stays
+that of one decode rather than growing with every repeat (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

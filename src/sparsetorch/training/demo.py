@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsetorch.data import demo_text
 from sparsetorch.patterns import check_sparsity
 from sparsetorch.training.recipes import Recipe, recipe
 from sparsetorch.training.schedules import Iterative
@@ -246,8 +247,6 @@ def _encode(text: str, vocab: str) -> Tensor:
 def char_corpus() -> CharCorpus:
     """The bundled split of `sparsetorch.data.demo_text()` as character ids: the plays
     held out there (Hamlet, Macbeth, Othello) are the validation text."""
-    from sparsetorch.data import demo_text
-
     split = demo_text()
     vocab = "".join(sorted(set(split.calibration) | set(split.evaluation)))
     return CharCorpus(vocab, _encode(split.calibration, vocab), _encode(split.evaluation, vocab), split.source)

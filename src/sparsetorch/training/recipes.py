@@ -10,11 +10,9 @@ before they had time to grow.
 
 RigL keeps the paper's Delta T = 100 down to runs of 4 updates (`RIGL_UPDATES`) and grows
 by the dense gradient summed over the interval: its weights grow from zero and are judged
-by magnitude at the next update, and one small batch's gradient is mostly noise. On the
-600-step benchmark (batches of 2048 characters), Delta T = 45 with one batch's gradient
-dropped 60-78% of the grown weights again at the next update, at a quarter of the mean
-kept magnitude, and lost to static random ERK masks (val loss 2.253 vs 2.217, 3 seeds);
-Delta T = 100 with the interval's summed gradient reached 2.193.
+by magnitude at the next update, and one small batch's gradient is mostly noise: with a
+short interval and one batch's gradient, most grown weights were dropped again at the next
+update and RigL lost to static random masks (benchmarks/RESULTS.md).
 
 Example:
     >>> recipe("rigl", steps=1000, sparsity=0.9).schedule

@@ -1,4 +1,6 @@
-"""The lean decoder (`runtime/lean.py`) against transformers' own models, dense and sparse."""
+"""sparsetorch's own Llama-family model (`models/llama.py`) against transformers' own models: loaded
+by the lean decoder (`runtime/lean.py`), dense and sparse, and built over a transformers model's
+very parameters for calibration (`LeanLlama.sharing`)."""
 
 import json
 
@@ -9,9 +11,12 @@ import sparsetorch
 from conftest import calibration_ids
 from sparsetorch.evaluate.speed import greedy_decode
 from sparsetorch.formats.pruned import load_pruned, save_pruned
+from sparsetorch.models.llama import LeanConfig, LeanLlama
+from sparsetorch.models.packed import PackedWeights
 from sparsetorch.nn import SparseLinear
 from sparsetorch.runtime import RuntimeConfig
-from sparsetorch.runtime.lean import LeanConfig, lean_supports, load_lean_model
+from sparsetorch.runtime.lean import lean_supports, load_lean_model
+from sparsetorch.targets import set_weight_matrix
 
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 FAMILIES = {
@@ -81,7 +86,7 @@ def pruned_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = hf_model("llama", num_key_value_heads=2, tie_word_embeddings=True)
     report = sparsetorch.prune(model, calibration_ids(), method="wanda", pattern="unstructured", sparsity=0.7)
-    return save_pruned(model, tmp_path_factory.mktemp("lean-pruned") / "70", report)
+    return save_pruned(model, tmp_path_factory.mktemp("lean-pruned") / "70", report.to_dict())
 
 
 def test_sparse_weights_in_the_lean_decoder_give_the_dense_tokens(pruned_dir):
@@ -108,7 +113,7 @@ def test_families_and_features_it_does_not_run_are_refused_with_the_way_out(tmp_
         LeanConfig.from_directory(write_config(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0}))
     with pytest.raises(NotImplementedError, match="hidden_act 'silu', not 'gelu'"):
         LeanConfig.from_directory(write_config(tmp_path, hidden_act="gelu"))
-    with pytest.raises(NotImplementedError, match="no sliding-window attention"):
+    with pytest.raises(NotImplementedError, match=r"does not compute use_sliding_window=true .*use decoder='transformers'"):
         LeanConfig.from_directory(write_config(tmp_path, model_type="qwen2", use_sliding_window=True))
     assert not lean_supports(tmp_path) and not lean_supports(tmp_path / "missing")
     assert lean_supports(write_config(tmp_path, rope_scaling=None, rope_theta=1e4))
@@ -117,12 +122,102 @@ def test_families_and_features_it_does_not_run_are_refused_with_the_way_out(tmp_
 
 
 def test_a_sequence_past_the_sliding_window_is_refused(tmp_path):
-    from sparsetorch.runtime.lean import LeanLlama
-
     model = LeanLlama(LeanConfig.from_dict({"model_type": "mistral", **SHAPE, "sliding_window": 8}))
     model(torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"9 tokens exceed the sliding window \(8\)"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def _every_position(ours, ids):
+    """Logits of every position, block by block as calibration runs them (`forward` gives the last one's)."""
+    with torch.no_grad():
+        x = ours.model.embed_tokens(ids)
+        cos, sin = ours.positions(0, ids.shape[1], x)
+        for block in ours.model.layers:
+            x = block(x, cos, sin)
+        return ours.lm_head(ours.model.norm(x))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["nn.Linear", "packed"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sharing_computes_transformers_logits_over_its_very_parameters(name, packed):
+    family, options = FAMILIES[name]
+    hf = hf_model(family, **options)
+    ours = LeanLlama.sharing(hf, PackedWeights() if packed else None)
+    assert ours is not None and not ours.training
+    theirs = dict(hf.named_parameters(remove_duplicate=False))
+    mine = dict(ours.named_parameters(remove_duplicate=False))
+    assert mine.keys() == theirs.keys()
+    assert all(mine[key] is parameter for key, parameter in theirs.items())  # the very objects, no copies
+    ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = hf(ids).logits
+    atol = 1e-5 * reference.abs().max().item()
+    torch.testing.assert_close(_every_position(ours, ids), reference, rtol=0, atol=atol)
+    torch.testing.assert_close(ours(ids), reference[:, -1], rtol=0, atol=atol)
+
+
+def test_a_write_to_a_shared_weight_reaches_both_models():
+    hf = hf_model("qwen2", num_key_value_heads=2)
+    ours = LeanLlama.sharing(hf, PackedWeights())
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    before = ours(ids)
+    for layer in hf.model.layers:  # in place, as pruning writes, through transformers' modules
+        weight = layer.mlp.down_proj.weight
+        set_weight_matrix(layer.mlp.down_proj, weight * (torch.rand_like(weight) > 0.5))
+    with torch.no_grad():
+        reference = hf(ids).logits[:, -1]
+    after = ours(ids)
+    assert not torch.allclose(after, before, rtol=0, atol=1e-3)
+    torch.testing.assert_close(after, reference, rtol=0, atol=1e-5 * reference.abs().max().item())
+
+
+def test_a_tied_model_keeps_the_tie():
+    hf = hf_model("llama", num_key_value_heads=2, tie_word_embeddings=True)
+    ours = LeanLlama.sharing(hf)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight is hf.model.embed_tokens.weight
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    untied = hf_model("llama", num_key_value_heads=2)
+    ours = LeanLlama.sharing(untied)
+    assert ours.lm_head.weight is untied.lm_head.weight and ours.lm_head.weight is not ours.model.embed_tokens.weight
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def _with_extra_parameter():
+    model = hf_model("llama", num_key_value_heads=2)
+    model.model.layers[0].self_attn.register_parameter("extra", torch.nn.Parameter(torch.ones(4)))
+    return model
+
+
+DECLINED = {
+    "gpt2": _gpt2,
+    "llama3 rope": lambda: hf_model("llama", rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "linear rope": lambda: hf_model("llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "gelu": lambda: hf_model("llama", hidden_act="gelu"),
+    "qwen2 sliding window": lambda: hf_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0),
+    "attention dropout in training": lambda: hf_model("llama", attention_dropout=0.1).train(),
+    "a parameter it does not compute": _with_extra_parameter,
+    "a plain module": lambda: torch.nn.Linear(4, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(DECLINED))
+def test_sharing_declines_what_it_does_not_compute(case):
+    assert LeanLlama.sharing(DECLINED[case]()) is None
+
+
+def test_sharing_follows_training_mode_where_it_computes_it():
+    assert LeanLlama.sharing(hf_model("llama", attention_dropout=0.1)) is not None  # eval: no dropout
+    ours = LeanLlama.sharing(hf_model("llama").train())
+    assert ours is not None and ours.training
 
 
 @pytest.mark.slow

@@ -1,8 +1,7 @@
-// Fused fp32 elementwise steps of a Llama-style block, for one-shot pruning's calibration forwards
-// (sparsetorch/oneshot/fused.py). In eager PyTorch each is several passes over activations that
-// do not fit in cache (RMSNorm: pow, mean, rsqrt, two multiplies; rotary: eight ops for q and k;
-// SiLU-gated MLP: silu, then a multiply), about a tenth of a calibration block's time; here each
-// is one pass, with the same arithmetic to float rounding.
+// Fused fp32 elementwise steps of a Llama-style block (sparsetorch/models/ops.py). In eager PyTorch each is
+// several passes over activations that do not fit in cache (RMSNorm: pow, mean, rsqrt, two multiplies; rotary:
+// eight ops for q and k; SiLU-gated MLP: silu, then a multiply); here each is one pass, with the same
+// arithmetic to float rounding.
 #pragma once
 
 #include <cmath>

@@ -1,4 +1,5 @@
-// Causal self-attention over full windows, fp32: the attention of one-shot pruning's calibration forwards.
+// Causal self-attention over full windows, fp32: the own model path's attention when no cache precedes them
+// (one-shot pruning's calibration forwards, a prompt's prefill).
 //
 // PyTorch's CPU flash attention runs every 64-query block of a 512-token window against all 512
 // keys and masks the upper half afterwards, so about half its work is discarded. Here each block of

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsetorch.data import cache_dir
+from sparsetorch.cache import cache_dir
 
-__all__ = ["DEMO_MODEL", "bundled_gguf", "demo_model_dir", "load_model", "resolve_model_path"]
+__all__ = ["DEMO_MODEL", "bundled_gguf", "count_parameters", "demo_model_dir", "load_model", "resolve_model_path"]
 
 DEMO_MODEL = "SmolLM2-135M-Instruct"
 DEMO_ALIASES = ("demo", "smollm2", DEMO_MODEL.lower())

@@ -1,24 +1,18 @@
-"""The precision of calibration: optionally, statistics forwards in bfloat16 where the hardware is fast at it.
+"""Precision choices: bf16 statistics forwards where asked, full precision for solvers, and the
+float32-CPU test that the C++ fast paths share.
 
-The calibration forwards of the block pipeline are almost all of one-shot pruning's
-time, and almost all of that is matmuls. On a CPU with bf16 dot-product instructions
-(and on CUDA) a bf16 matmul runs about twice as fast as an fp32 one. With
-`calib_dtype='bfloat16'` (or 'auto' on such hardware) the forwards of the still-dense
-block, which only gather statistics, run under bf16 autocast: matmuls and attention in
-bf16; norms, residual sums and the statistics' sums in fp32.
+The calibration forwards of the block pipeline are almost all of one-shot pruning's time, and
+almost all of that is matmuls, which run about twice as fast in bf16 as in fp32 on CPUs with
+bf16 dot-product instructions (and on CUDA). With `calib_dtype='bfloat16'` (or 'auto' on such
+hardware) the forwards of the still-dense block, which only gather statistics, run under bf16
+autocast: matmuls and attention in bf16; norms, residual sums and the statistics' sums in fp32.
 
-Only those. The forward of the pruned block, which makes the next block's inputs, stays
-in the model's dtype, and so do the solvers (`full_precision`). bf16 statistics make the
-result fragile, though. Measured on SmolLM2-135M, Wanda 2:4 with layer_inputs='mixed'
-(benchmarks/RESULTS.md): with fp32 statistics 142.277 perplexity, and 142.202 both after
-the calibration attention changed to sparsetorch's kernel (a float32-rounding change) and
-with the calibration windows in another order; with bf16 statistics 142.466 before that
-change, 141.801 after it, and 145.021 with a third attention (chunked SDPA). A 1e-7 change
-of a block's inputs flips some bf16 roundings of the activations, hence some near-tied 2:4
-choices, and that compounds over 30 blocks. On this 2-core CPU, once calibration attention
-skips its masked half, bf16 statistics no longer save time either ('mixed': 65.8 s against
-66.5 s in fp32), so the default stays 'model'; bf16 is for hardware where its matmuls are
-far faster than fp32 ones (AMX, GPUs).
+Only those. The forward of the pruned block, which makes the next block's inputs, stays in the
+model's dtype, and so do the solvers (`full_precision`). bf16 statistics make the result fragile:
+a float32-rounding change of a block's inputs flips some bf16 roundings of its activations, hence
+some near-tied 2:4 choices, and that compounds over the blocks (measured in
+benchmarks/RESULTS.md). So the default is 'model'; bf16 is for hardware whose bf16 matmuls are
+far faster than its fp32 ones (AMX, GPUs).
 """
 
 from __future__ import annotations
@@ -27,6 +21,8 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+
+from sparsetorch.kernels.cpu_features import has_native_bf16
 
 __all__ = ["CALIB_DTYPES", "calibration_dtype", "calibration_precision", "full_precision", "plain_fp32_cpu"]
 
@@ -58,8 +54,6 @@ def calibration_dtype(model: nn.Module, choice: str = "model") -> torch.dtype:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else dtype
-    from sparsetorch.kernels.cpu_features import has_native_bf16  # here: the kernels package imports oneshot
-
     return torch.bfloat16 if device.type == "cpu" and has_native_bf16() else dtype
 
 
@@ -78,8 +72,8 @@ def full_precision(device: torch.device) -> torch.autocast:
 
 
 def plain_fp32_cpu(*tensors: torch.Tensor) -> bool:
-    """float32 CPU tensors outside CPU autocast: what the calibration forwards' C++ kernels take
-    (each kernel adds its own layout conditions)."""
+    """float32 CPU tensors outside CPU autocast: what the C++ fast paths take (each adds its own
+    layout conditions)."""
     return not torch.is_autocast_enabled("cpu") and all(
         t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors
     )
