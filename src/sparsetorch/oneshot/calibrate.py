@@ -99,7 +99,7 @@ class SharedInputStatistics:
 
     def start_batch(self) -> None:
         self.last: tuple[Tensor | None, Statistic | None] = (None, None)
-        self.seen = 0
+        self.seen: set[nn.Module] = set()  # this batch's pending layers that saw their input
 
     def add(self, module: nn.Module, x: Tensor) -> None:
         last_input, last_stat = self.last
@@ -109,12 +109,12 @@ class SharedInputStatistics:
             stat = self.stats.setdefault(module, self.statistic(x.shape[-1]))
             stat.add_batch(x)
             self.last = (x, stat)
-        self.seen += 1
+        self.seen.add(module)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module in self.pending:
             self.add(module, input_of(args, kwargs))
-            if self.seen == len(self.pending):
+            if len(self.seen) == len(self.pending):
                 raise StopForward
 
     def groups(self) -> list[tuple[Statistic, list[nn.Module]]]:

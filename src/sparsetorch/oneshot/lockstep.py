@@ -120,7 +120,7 @@ class _AllButLast(SharedInputStatistics):
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module in self.pending:
             self.add(module, input_of(args, kwargs))
-            if self.seen == len(self.pending) or module is self.stop_after:
+            if len(self.seen) == len(self.pending) or module is self.stop_after:
                 raise StopForward
 
     def groups(self) -> list[tuple[Statistic, list[nn.Module]]]:

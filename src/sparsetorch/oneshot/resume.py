@@ -26,7 +26,12 @@ from sparsetorch.oneshot.report import LayerReport
 __all__ = ["ResumeCheckpoint", "StaleCheckpointError"]
 
 _PROGRESS = "progress.json"
-_HIDDEN = "hidden.pt"
+_LEGACY_HIDDEN = "hidden.pt"  # checkpoints written before the hidden states were named per block
+
+
+def _hidden_name(blocks_done: int) -> str:
+    """The file of the inputs of block `blocks_done` (the outputs of the block before it)."""
+    return f"hidden-{blocks_done:04d}.pt"
 
 
 class StaleCheckpointError(ValueError):
@@ -82,7 +87,8 @@ class ResumeCheckpoint:
                     masks[name] = tensor.bool()
         for name, record in progress["layers"].items():
             layers[name] = LayerReport(**{**record, "shape": tuple(record["shape"])})
-        return progress["blocks_done"], torch.load(self.directory / _HIDDEN)
+        hidden = self.directory / progress.get("hidden", _LEGACY_HIDDEN)
+        return progress["blocks_done"], torch.load(hidden, weights_only=True)
 
     def save(self, index: int, names: list[str], modules: dict[str, nn.Module], layers: dict, masks: dict,
              hidden: list[Tensor]) -> None:
@@ -93,13 +99,20 @@ class ResumeCheckpoint:
             tensors[f"{name}.weight"] = modules[name].weight.detach().contiguous()
             tensors[f"{name}.mask"] = masks[name].to(torch.uint8).contiguous()
         _replace(self.directory / f"block-{index:04d}.safetensors", lambda p: save_file(tensors, p))
-        _replace(self.directory / _HIDDEN, lambda p: torch.save(hidden, p))
+        # the new outputs get a file of their own, and progress.json names it last: a crash at any
+        # point leaves progress.json naming the inputs of the block it says comes next
+        hidden_name = _hidden_name(index + 1)
+        _replace(self.directory / hidden_name, lambda p: torch.save(hidden, p))
         progress = {
             "fingerprint": self.fingerprint,
             "blocks_done": index + 1,
+            "hidden": hidden_name,
             "layers": {name: asdict(layer) for name, layer in layers.items()},
         }
         _replace(self.directory / _PROGRESS, lambda p: p.write_text(json.dumps(progress)))
+        for stale in self.directory.glob("hidden*.pt"):
+            if stale.name != hidden_name:
+                stale.unlink()
 
     def clear(self) -> None:
         """Remove the checkpoint once the run's output is safely written."""
