@@ -1,10 +1,12 @@
-"""Build the C++ kernels on first use, once per ISA, into the user cache.
+"""Build sparsetorch's C++ op libraries on first use, once per ISA, into the user cache.
 
-Each ISA gets its own module, compiled from the same sources in `csrc/` with that ISA's
-explicit flags (`cpu_features.ISA_FLAGS`, never `-march=native`) and a name that carries the
-hash of the sources, the flags and the torch version, so a stale build is never loaded. An
-exclusive file lock keeps two processes from building the same module at once. Without a
-working compiler the build fails once, with a warning, and the pure-PyTorch kernels serve.
+Two libraries (`Extension`s): the sparse matmul kernels and solver ops of `kernels/csrc`, and
+the own model path's ops of `models/csrc`. Each ISA gets its own module of each, compiled from
+the same sources with that ISA's explicit flags (`cpu_features.ISA_FLAGS`, never `-march=native`)
+and a name that carries the hash of the sources, the flags and the torch version, so a stale
+build is never loaded. An exclusive file lock keeps two processes from building the same module
+at once. Without a working compiler the build fails once, with a warning, and the pure-PyTorch
+code serves.
 """
 
 from __future__ import annotations
