@@ -146,3 +146,122 @@ def test_demo_rejects_bad_counts_before_loading_anything(tmp_path, capsys):
     assert main(["demo", "--decode-tokens", "1", "--out", str(out), "--quiet"]) == 2
     assert "decode_tokens must be an integer of at least 2, got 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_calibration_text_that_is_not_utf8_names_the_byte(tiny_model_dir, text_files, tmp_path, capsys):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes(text_files[0].read_bytes()[:3000] + "café".encode("latin-1") + b" and more")
+    assert main(_prune_args(tiny_model_dir, tmp_path / "o", latin)) == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text: byte 3003 (b'\\xe9')" in err and "iconv" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_directory_as_text_or_a_file_as_model_is_named_for_what_it_is(tiny_model_dir, text_files, tmp_path, capsys):
+    assert main(_prune_args(tiny_model_dir, tmp_path / "o", tmp_path)) == 2
+    assert "is a directory; pass a UTF-8 text file" in capsys.readouterr().err
+    assert main(_prune_args(tiny_model_dir / "config.json", tmp_path / "o", text_files[0])) == 2
+    assert "config.json is a file; pass the Hugging Face model directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unwritable_output_location_is_refused_before_any_work(tiny_model_dir, text_files, tmp_path, capsys):
+    if hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0:
+        blocker = tmp_path / "a-file"  # root may write anywhere: a file in the path is what it cannot pass
+        blocker.write_text("")
+        out = blocker / "sub" / "out"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "out"
+    assert main(_prune_args(tiny_model_dir, out, text_files[0])) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}" in err and "choose another --out" in err
+
+
+def test_an_interrupt_names_where_the_finished_blocks_are_kept(tiny_model_dir, text_files, tmp_path, capsys,
+                                                               monkeypatch):
+    from sparsetorch.oneshot import resume
+
+    save = resume.ResumeCheckpoint.save
+
+    def save_then_interrupt(self, index, *args):
+        save(self, index, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume.ResumeCheckpoint, "save", save_then_interrupt)
+    out = tmp_path / "o"
+    assert main(_prune_args(tiny_model_dir, out, text_files[0])) == 130
+    err = capsys.readouterr().err
+    assert f"its finished blocks are kept in {out}.resume; the same command resumes" in err
+    assert "<out>" not in err and not out.exists()
+
+
+def test_resuming_into_the_same_output_from_another_model_is_refused(tiny_model_dir, text_files, tmp_path, capsys,
+                                                                       monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsetorch.oneshot import resume
+
+    other = tmp_path / "other-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    model.model.embed_tokens.weight.data.normal_()  # the same shapes, other weights
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+
+    save = resume.ResumeCheckpoint.save
+
+    def save_then_interrupt(self, index, *args):
+        save(self, index, *args)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "o"
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.ResumeCheckpoint, "save", save_then_interrupt)
+        assert main(_prune_args(tiny_model_dir, out, text_files[0], "--method", "sparsegpt")) == 130
+    capsys.readouterr()
+    assert main(_prune_args(other, out, text_files[0], "--method", "sparsegpt")) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint of another model" in err and "--restart" in err
+    assert not out.exists()
+    assert main(_prune_args(tiny_model_dir, out, text_files[0], "--method", "sparsegpt")) == 0  # the same model resumes
+
+
+def test_a_second_run_into_a_locked_output_fails_clearly_and_leaves_the_first_alone(tiny_model_dir, text_files,
+                                                                                      tmp_path, capsys):
+    import os
+
+    from sparsetorch.formats.lock import output_lock
+
+    out = tmp_path / "o"
+    with output_lock(out) as lock:
+        assert lock.read_text() == str(os.getpid())
+        assert main(_prune_args(tiny_model_dir, out, text_files[0])) == 2
+        err = capsys.readouterr().err
+        assert f"another sparsetorch run (pid {os.getpid()}) is writing {out}" in err
+        assert not out.exists() and not (tmp_path / "o.resume").exists()
+    assert not lock.exists()
+    assert main(_prune_args(tiny_model_dir, out, text_files[0])) == 0  # free again
+
+
+def test_a_damaged_dense_weights_file_is_detected_not_evaluated(tiny_model_dir, text_files, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(_prune_args(tiny_model_dir, out, text_files[0])) == 0
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x40  # one flipped bit inside a weight
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    for command in (["eval", str(out), "--eval-text", str(text_files[1]), "--eval-tokens", "256", "--seqlen", "64",
+                     "--quiet"], ["inspect", str(out)], ["bench", str(out)]):
+        assert main(command) == 2, command
+        assert "model.safetensors is damaged: its SHA-256 does not match sparsity.json" in capsys.readouterr().err
+
+
+def test_inspect_leaves_a_dense_source_directory_untouched(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    assert main(["inspect", str(tiny_model_dir)]) == 0
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+    assert (tmp_path / "tiny-llama-sparsity.png").read_bytes()[:4] == b"\x89PNG"

@@ -127,8 +127,11 @@ def test_sparsity_record(tmp_path):
     config = json.loads((out / "compressed" / "config.json").read_text())["quantization_config"]
     assert config["sparsity_config"]["format"] == "sparse-bitmask"
     assert config["sparsity_config"]["sparsity_structure"] == "unstructured"
+    from sparsetorch.formats.checkpoint import sha256_file
+
     extras = {"source_model": None, "calibration": {"samples": 8},
-              "files": {"dense": "model.safetensors", "compressed": "compressed/model.safetensors", "codec": "zstd"}}
+              "files": {"dense": "model.safetensors", "compressed": "compressed/model.safetensors", "codec": "zstd",
+                        "dense_sha256": {"model.safetensors": sha256_file(out / "model.safetensors")}}}
     assert (out / "sparsity.json").read_text() == json.dumps(report.to_dict() | extras, indent=2)
 
 
@@ -206,3 +209,68 @@ def test_edited_tensors_without_manifest_are_caught_by_format_checks(tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pruned(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("codec_name", ["zstd", "none"])
+def test_a_pruned_lm_head_tied_to_the_embedding_is_saved_once_and_loads_back_tied(tmp_path, codec_name):
+    model = tiny_llama(tie=True)
+    report = sparsetorch.prune(model, calibration_ids(), method="magnitude", ignore=(), progress=False)
+    assert "lm_head" in report.layers
+    out = save_pruned(model, tmp_path / "out", report.to_dict(), codec=codec_name)
+    state, tied = read_compressed_state_dict(out / "compressed")
+    assert tied == {"model.embed_tokens.weight": "lm_head.weight"}  # stored once, under the sparse layer's name
+    assert "model.embed_tokens.weight" not in state
+    expected = model.state_dict()
+    for compressed in (False, True):
+        loaded = load_pruned(out, compressed=compressed)
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert all(_same_bits(loaded.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_staging_of_dead_runs_is_removed_and_the_output_gets_the_usual_mode(tmp_path):
+    import os
+
+    from sparsetorch.formats.checkpoint import atomic_directory
+
+    target = tmp_path / "out"
+    dead = tmp_path / ".out.partial-999999999-abc"  # no such process
+    live = tmp_path / f".out.partial-{os.getpid()}-xyz"
+    dead.mkdir()
+    live.mkdir()
+    old_mask = os.umask(0o022)
+    try:
+        with pytest.warns(RuntimeWarning, match="removed 1 staging directory of interrupted runs"):
+            with atomic_directory(target) as staging:
+                (staging / "f").write_text("x")
+    finally:
+        os.umask(old_mask)
+    assert not dead.exists() and live.exists()
+    assert (target / "f").read_text() == "x" and target.stat().st_mode & 0o777 == 0o755
+
+
+def test_an_output_that_appears_during_the_run_is_not_replaced_without_overwrite(tmp_path):
+    from sparsetorch.formats.checkpoint import atomic_directory
+
+    target = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="appeared during this run"):
+        with atomic_directory(target) as staging:
+            (staging / "mine").write_text("x")
+            target.mkdir()
+            (target / "theirs").write_text("y")
+    assert [p.name for p in target.iterdir()] == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging left
+
+
+def test_a_tied_decoder_of_a_bert_model_is_saved_once(tmp_path):
+    """BERT's masked-LM decoder shares the word embeddings: pruning it must not break the save."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64)).eval()
+    report = sparsetorch.prune(model, method="magnitude", targets=["re:.*decoder", "re:.*intermediate.dense"],
+                               ignore=(), progress=False)
+    out = save_pruned(model, tmp_path / "bert", report.to_dict())
+    state, tied = read_compressed_state_dict(out / "compressed")
+    assert tied["bert.embeddings.word_embeddings.weight"] == "cls.predictions.decoder.weight"
+    assert torch.equal(state["cls.predictions.decoder.weight"], model.cls.predictions.decoder.weight)
+    assert BertForMaskedLM.from_pretrained(out).cls.predictions.decoder.weight.eq(0).float().mean() == 0.5

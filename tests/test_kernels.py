@@ -150,3 +150,38 @@ def test_no_compiler_means_a_warning_and_the_fallback(monkeypatch, tmp_path):
         assert_matches_dense(bind_kernel(weight, x, "torch")(x, None), F.linear(x, weight.to_dense()))
     finally:
         build.load_extension.cache_clear()
+
+
+def test_a_cache_writable_by_everyone_is_not_trusted(monkeypatch, tmp_path):
+    """Another user could plant a library there: sparsetorch builds a private copy instead, and says why."""
+    monkeypatch.setenv("SPARSETORCH_CACHE", str(tmp_path))
+    isa = supported_isas()[0]
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels").chmod(0o777)
+    built = []
+    monkeypatch.setattr(build, "_compile", lambda ext, isa, name, directory: built.append(directory) or
+                        (directory / f"{name}.so").write_bytes(b"not loaded"))
+    with pytest.warns(RuntimeWarning, match="does not load its cached kernels build: .*kernels is writable by every user"):
+        library = build._trusted_build(build.KERNELS, isa, module_name(isa), build_dir(isa))
+    assert not str(library).startswith(str(tmp_path)) and library.exists()
+    assert len(built) == 1
+
+
+def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSETORCH_CACHE", str(tmp_path))
+    isa = supported_isas()[0]
+    builds = []
+
+    def fake_compile(ext, isa, name, directory):
+        builds.append(directory)
+        (directory / f"{name}.so").write_bytes(b"library v%d" % len(builds))
+
+    monkeypatch.setattr(build, "_compile", fake_compile)
+    library = build._trusted_build(build.KERNELS, isa, module_name(isa), build_dir(isa))
+    assert library.parent == build_dir(isa) and len(builds) == 1
+    assert build._trusted_build(build.KERNELS, isa, module_name(isa), build_dir(isa)) == library and len(builds) == 1
+    library.write_bytes(b"planted or truncated")
+    with pytest.warns(RuntimeWarning, match="does not match the SHA-256 recorded at its build; rebuilding"):
+        build._trusted_build(build.KERNELS, isa, module_name(isa), build_dir(isa))
+    assert len(builds) == 2 and library.read_bytes() == b"library v2"
+    assert not list(tmp_path.glob("kernels/.*.build-*"))  # staging renamed or removed

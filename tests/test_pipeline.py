@@ -301,3 +301,35 @@ def test_a_block_of_another_layout_learns_its_own_order():
     assert stops.find({c: "attn.q"}) is None  # not the same layers
     stops.learn({a: "x"}, [[b]])  # a group outside the layout teaches nothing
     assert stops.find({a: "x"}) is None
+
+
+@pytest.mark.parametrize("calibration,error,message", [
+    (torch.rand(2, 16), TypeError, "must be token ids \\(an integer tensor\\), got torch.float32"),
+    (torch.full((2, 16), 128), ValueError, "token id 128, outside the model's vocabulary of 128 ids"),
+    (torch.full((2, 16), -1), ValueError, "token id -1, outside"),
+    (torch.zeros(2, 1, dtype=torch.long), ValueError, "at least 2 tokens per window"),
+    (torch.zeros(2, 0, dtype=torch.long), ValueError, "at least 2 tokens per window"),
+])
+def test_api_calibration_is_checked_against_the_model(calibration, error, message):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        sparsetorch.prune(model, calibration, method="wanda", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_every_layer_that_cannot_take_the_pattern_is_named():
+    with pytest.raises(ValueError, match=r"14 layer\(s\) cannot take 2:3: leave them dense with ignore=\["):
+        sparsetorch.prune(tiny_llama(), calibration_ids(), method="sparsegpt", pattern="2:3", progress=False)
+
+
+def test_falcon_linears_are_linears():
+    """FalconLinear subclasses nn.Linear: the default targets ('Linear') pick it."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    model = FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           new_decoder_architecture=False)).eval()
+    report = sparsetorch.prune(model, calibration_ids(), method="wanda", pattern="2:4", progress=False)
+    kinds = {type(model.get_submodule(name)).__name__ for name in report.layers}
+    assert kinds == {"FalconLinear"} and len(report.layers) == 2 * 4
+    assert report.sparsity == 0.5

@@ -196,3 +196,23 @@ def test_resuming_in_a_fresh_dense_model_gives_bit_identical_weights_and_masks(t
     assert resumed.masks.keys() == expected.masks.keys()
     assert all(torch.equal(resumed.masks[n], expected.masks[n]) for n in expected.masks)
     assert {n: r.sparsity for n, r in resumed.layers.items()} == {n: r.sparsity for n, r in expected.layers.items()}
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_both(tmp_path):
+    from sparsetorch.oneshot.resume import model_identity
+
+    config, ids = sparsetorch.PruneConfig(method="sparsegpt"), calibration_ids()
+    torch.manual_seed(0)
+    first = tiny_llama(layers=3)
+    names, masks, layers = _block_state(first, 0)
+    ResumeCheckpoint(tmp_path, config, ids, first).save(0, names, dict(first.named_modules()), layers, masks,
+                                                        [torch.zeros(1)])
+    torch.manual_seed(1)
+    second = tiny_llama(layers=3)
+    with pytest.raises(StaleCheckpointError, match="another model .*this run prunes a llama model of"):
+        ResumeCheckpoint(tmp_path, config, ids, second).restore(dict(second.named_modules()), {}, {})
+    # pruning changes only the targets' weights, so the identity holds across a partly pruned model
+    identity = model_identity(first, config)
+    with torch.no_grad():
+        first.model.layers[0].mlp.down_proj.weight.zero_()
+    assert model_identity(first, config) == identity

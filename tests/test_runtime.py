@@ -177,3 +177,16 @@ def test_a_damaged_compressed_file_is_detected(pruned_dirs, tmp_path):
         load_sparse_model(copy_dir, RuntimeConfig(policy="always"))
     with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):
         load_sparse_model(tmp_path, RuntimeConfig(policy="always"))
+
+
+def test_a_sparse_layer_tied_to_the_embedding_loads_as_one_dense_tensor(tmp_path):
+    model = tiny_llama(tie=True)
+    report = sparsetorch.prune(model, calibration_ids(), method="magnitude", ignore=(), progress=False)
+    out = save_pruned(model, tmp_path / "out", report.to_dict())
+    loaded, compiled = load_sparse_model(out, RuntimeConfig(policy="always"))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    reasons = {d.name: d.reason for d in compiled.decisions}
+    assert reasons["lm_head"] == "tied to another parameter"
+    ids = calibration_ids()[:2]
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="per-layer sparsity table and heatmap",
                              description="Print per-layer sparsity and save a heatmap PNG.")
     inspect.add_argument("model", help="model directory")
-    inspect.add_argument("--plot", type=Path, help="where to save the PNG (default: <model>/sparsity.png)")
+    inspect.add_argument("--plot", type=Path, help="where to save the PNG (default: <model>/sparsity.png for a "
+                         "`sparsetorch prune` output, ./<model name>-sparsity.png for any other model)")
     inspect.add_argument("--json", action="store_true", help="print the table as JSON")
 
     export = sub.add_parser("export", help="rewrite a pruned model's compressed form (e.g. for compressed-tensors)",
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from sparsetorch.formats.checkpoint import CorruptFileError
+    from sparsetorch.formats.lock import OutputBusyError
 
     handlers = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export,
                 "bench": _cmd_bench, "demo": _cmd_demo, "train-demo": _cmd_train_demo}
@@ -209,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         _silence_transformers()
     try:
         return handlers[args.command](args)
-    except (UserError, ValueError, TypeError, FileNotFoundError, FileExistsError, CorruptFileError) as err:
+    except (UserError, ValueError, TypeError, FileNotFoundError, FileExistsError, CorruptFileError,
+            OutputBusyError) as err:
         print(f"sparsetorch {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sparsetorch {args.command}: interrupted; nothing was written to the output "
-              "(prune keeps its per-block progress in <out>.resume and resumes from it)", file=sys.stderr)
+        kept = getattr(args, "resume_dir", None)
+        where = f" (its finished blocks are kept in {kept}; the same command resumes from there)" if kept else ""
+        print(f"sparsetorch {args.command}: interrupted; nothing was written to the output{where}", file=sys.stderr)
         return 130
 
 
@@ -258,16 +263,30 @@ def _default_out(model_path: str | None, config, root: str = "pruned") -> Path:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output without --overwrite, and an output location this user cannot write, before any work."""
     if out.exists() and not overwrite:
         raise UserError(f"output directory {out} already exists; pass --overwrite to replace it, or choose another --out")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {out}: {parent} is not a directory this user may write to; choose another --out")
 
 
 def _read_text(path: Path | None) -> str | None:
+    """The UTF-8 text of `path`; a directory, a missing file or bytes that are not UTF-8 are errors."""
     if path is None:
         return None
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass a UTF-8 text file")
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} does not exist")
-    return path.read_text(encoding="utf-8", errors="replace")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text: byte {err.start} ({data[err.start:err.start + 1]!r}) does not "
+                        "decode; convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def _calibration(args, tokenizer, config):
@@ -300,13 +319,13 @@ def _eval_windows(args, tokenizer):
     return evaluation_windows(tokenizer, text, args.eval_tokens, args.seqlen), source
 
 
-def _resume_checkpoint(out: Path, config, windows, restart: bool):
+def _resume_checkpoint(out: Path, config, windows, model, restart: bool):
     """Per-block progress next to the output, so an interrupted run picks up where it stopped."""
     from sparsetorch.oneshot.resume import ResumeCheckpoint
 
     if windows is None:
         return None
-    checkpoint = ResumeCheckpoint(Path(f"{out}.resume"), config, windows)
+    checkpoint = ResumeCheckpoint(Path(f"{out}.resume"), config, windows, model)
     if restart:
         checkpoint.clear()
     elif checkpoint.directory.exists():
@@ -321,16 +340,26 @@ def _sizes(out: Path) -> tuple[int, int]:
 
 
 def _cmd_prune(args) -> int:
-    from sparsetorch.formats.pruned import save_pruned
-    from sparsetorch.models import load_model
-    from sparsetorch.oneshot.pipeline import prune
+    from sparsetorch.formats.lock import output_lock
 
     config = _config_from_args(args)
     out = args.out or _default_out(args.model, config)
     _check_out(out, args.overwrite)
+    with output_lock(out):
+        return _prune_into(args, config, out)
+
+
+def _prune_into(args, config, out: Path) -> int:
+    """`sparsetorch prune` once this process holds the output's lock."""
+    from sparsetorch.formats.pruned import save_pruned
+    from sparsetorch.models import load_model
+    from sparsetorch.oneshot.pipeline import prune
+
+    _check_out(out, args.overwrite)  # again under the lock: the run that held it may have just written it
     model, tokenizer, path = load_model(args.model, progress=not args.quiet)
     windows, calibration = _calibration(args, tokenizer, config)
-    checkpoint = _resume_checkpoint(out, config, windows, args.restart)
+    checkpoint = _resume_checkpoint(out, config, windows, model, args.restart)
+    args.resume_dir = None if checkpoint is None else checkpoint.directory  # named if interrupted
     report = prune(model, windows, config, progress=not args.quiet, checkpoint=checkpoint)
     print(f"pruned {len(report.layers)} layers with {config.method} ({config.pattern}) in {report.seconds:.1f} s: "
           f"sparsity {report.sparsity:.2%}")
@@ -348,7 +377,7 @@ def _cmd_prune(args) -> int:
 
 def _cmd_eval(args) -> int:
     from sparsetorch.evaluate.perplexity import perplexity
-    from sparsetorch.formats.pruned import load_pruned, read_sparsity
+    from sparsetorch.formats.pruned import load_pruned, read_sparsity, verify_dense
     from sparsetorch.models import load_model
 
     if args.compressed or args.sparse_runtime:
@@ -360,6 +389,8 @@ def _cmd_eval(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(Path(args.model))
         path = Path(args.model)
     else:
+        if args.model is not None:
+            verify_dense(args.model)
         model, tokenizer, path = load_model(args.model, progress=not args.quiet)
     windows, source = _eval_windows(args, tokenizer)
     ppl = perplexity(model, windows, progress=not args.quiet)
@@ -389,7 +420,9 @@ def _load_sparse(args):
 
 def _cmd_bench(args) -> int:
     from sparsetorch.evaluate.bench import BenchConfig, run_bench
+    from sparsetorch.formats.pruned import verify_dense
 
+    verify_dense(args.model)
     config = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
                          rounds=args.rounds, runtime=_runtime_config(args), decoder=args.decoder)
     result = run_bench(args.model, config)
@@ -404,13 +437,17 @@ def _cmd_bench(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from sparsetorch.evaluate.inspect import format_table, layer_sparsity, plot_sparsity
+    from sparsetorch.formats.pruned import SPARSITY_FILE, verify_dense
 
+    verify_dense(args.model)
     rows = layer_sparsity(args.model)
     if args.json:
         print(json.dumps([{"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity} for r in rows], indent=2))
     else:
         print(format_table(rows))
-    plot = plot_sparsity(rows, args.plot or Path(args.model) / "sparsity.png", title=str(args.model))
+    model = Path(args.model)  # a pruned output gets its plot inside; any other model's directory is left untouched
+    default = model / "sparsity.png" if (model / SPARSITY_FILE).is_file() else Path(f"{model.resolve().name}-sparsity.png")
+    plot = plot_sparsity(rows, args.plot or default, title=str(args.model))
     print(f"heatmap: {plot}")
     return 0
 

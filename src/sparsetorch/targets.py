@@ -2,7 +2,8 @@
 
 Names follow the compressed-tensors convention so recipes move between tools:
 `'re:<regex>'` matches full module names, a class name (`'Linear'`) matches the
-module type, and any other string matches a module named exactly that or ending in
+module type and its subclasses (Falcon's `FalconLinear` is a `Linear`), and any other
+string matches a module named exactly that or ending in
 `'.<string>'` (so `'lm_head'` matches `'model.lm_head'`).
 """
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "find_targets",
+    "is_conv1d",
     "is_prunable",
     "matches",
     "set_weight_matrix",
@@ -31,14 +33,15 @@ def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored (in, out)."""
     return type(module).__name__ == "Conv1D"
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
     """The weight as (out_features, in_features); GPT-2's Conv1D stores it transposed."""
     weight = module.weight.data
-    return weight.t() if _is_conv1d(module) else weight
+    return weight.t() if is_conv1d(module) else weight
 
 
 def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
@@ -48,8 +51,13 @@ def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
     how caches of derived forms of the weight (`models/packed.py`) see that it changed.
     """
     target = module.weight.detach()
-    source = matrix.t() if _is_conv1d(module) else matrix
+    source = matrix.t() if is_conv1d(module) else matrix
     target.copy_(source.to(target.dtype))
+
+
+def _is_a(module: nn.Module, class_name: str) -> bool:
+    """Whether the module's class, or a class it derives from, is called `class_name`."""
+    return any(cls.__name__ == class_name for cls in type(module).__mro__)
 
 
 def matches(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:
@@ -58,7 +66,7 @@ def matches(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:
         if pattern.startswith("re:"):
             if re.fullmatch(pattern[3:], name):
                 return True
-        elif pattern == type(module).__name__ or name == pattern or name.endswith("." + pattern):
+        elif name == pattern or name.endswith("." + pattern) or _is_a(module, pattern):
             return True
     return False
 

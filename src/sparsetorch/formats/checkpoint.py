@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +42,8 @@ __all__ = [
     "load_compressed_model",
     "open_compressed",
     "read_compressed_state_dict",
+    "remove_stale_staging",
+    "sha256_file",
     "write_compressed",
 ]
 
@@ -64,9 +68,13 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise FileExistsError(f"output directory {target} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the user's usual mode
+        if target.exists() and not overwrite:  # appeared while this run worked
+            raise FileExistsError(f"output directory {target} appeared during this run; pass --overwrite to replace it")
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             target.rename(retired / "old")
@@ -79,7 +87,39 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
-def _sha256(path: Path) -> str:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove the staging directories that runs killed while writing `target` left beside it
+    (`.NAME.partial-PID-*` of a process that no longer exists); return them."""
+    removed = []
+    for staging in Path(target).parent.glob(f".{Path(target).name}.partial-*"):
+        pid = staging.name.rpartition(".partial-")[2].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    if removed:
+        warnings.warn(f"removed {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'} of interrupted "
+                      f"runs beside {target}: {', '.join(p.name for p in removed)}", RuntimeWarning, stacklevel=3)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 4 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -87,17 +127,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """State dict without tied duplicates, and the alias -> kept name map."""
-    state, tied, seen = {}, {}, {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
-        if tensor.numel() and key in seen:
-            tied[name] = seen[key]
-            continue
-        seen[key] = name
-        state[name] = tensor.detach().contiguous()
-    return state, tied
+def _unique_state(model: nn.Module, keep: set[str] = frozenset()) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """State dict without tied duplicates, and the alias -> kept name map. Of names that share one
+    tensor, the one in `keep` (a sparse layer's weight: it is stored as a bitmask) is kept, else the first."""
+    groups: dict[tuple, list[str]] = {}
+    tensors = model.state_dict()
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else (name,)
+        groups.setdefault(key, []).append(name)
+    state, tied = {}, {}
+    for names in groups.values():
+        kept = next((name for name in names if name in keep), names[0])
+        state[kept] = tensors[kept].detach().contiguous()
+        tied.update({alias: kept for alias in names if alias != kept})
+    return {name: state[name] for name in tensors if name in state}, tied
 
 
 def _compressed_tensors_config(model: nn.Module, structure: str, ignore: Iterable[str], sparsity: float) -> dict:
@@ -139,10 +182,13 @@ def write_compressed(
         raise ValueError(f"unknown codec {codec!r}; choose one of {list(codecs.CODECS)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state, tied = _unique_state(model)
+    sparse_layers = list(sparse_layers)
+    state, tied = _unique_state(model, keep={f"{name}.weight" for name in sparse_layers})
     tensors: dict[str, Tensor] = {}
     zeros = total = 0
     for name in sparse_layers:
+        if f"{name}.weight" not in state:  # tied to another sparse layer, stored once under its name
+            continue
         weight = state.pop(f"{name}.weight")
         packed = BitmaskTensor.from_dense(weight)
         tensors.update(packed.state_dict(name))
@@ -158,7 +204,7 @@ def write_compressed(
     save_file(tensors, weights, metadata=metadata)
     config = _compressed_tensors_config(model, structure, ignore, zeros / total if total else 0.0)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    manifest = {"codec": codec, "tied": tied, "files": {WEIGHTS_FILE: _sha256(weights)}}
+    manifest = {"codec": codec, "tied": tied, "files": {WEIGHTS_FILE: sha256_file(weights)}}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return weights
 
@@ -172,7 +218,7 @@ def _verify_checksums(directory: Path) -> dict:
         path = directory / file
         if not path.exists():
             raise CorruptFileError(f"{path} is missing (listed in {MANIFEST_FILE})")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise CorruptFileError(f"{path} is damaged: its SHA-256 does not match {MANIFEST_FILE}")
     return manifest
 

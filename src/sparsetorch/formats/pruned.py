@@ -21,12 +21,14 @@ from torch import nn
 from sparsetorch.formats.checkpoint import (
     COMPRESSED_DIR,
     WEIGHTS_FILE,
+    CorruptFileError,
     atomic_directory,
     load_compressed_model,
+    sha256_file,
     write_compressed,
 )
 
-__all__ = ["SPARSITY_FILE", "load_pruned", "read_sparsity", "save_pruned", "structure_name"]
+__all__ = ["SPARSITY_FILE", "load_pruned", "read_sparsity", "save_pruned", "structure_name", "verify_dense"]
 
 SPARSITY_FILE = "sparsity.json"
 
@@ -97,6 +99,7 @@ def save_pruned(
             "dense": WEIGHTS_FILE,
             "compressed": f"{COMPRESSED_DIR}/{WEIGHTS_FILE}",
             "codec": codec,
+            "dense_sha256": {p.name: sha256_file(p) for p in sorted(staging.glob("*.safetensors"))},
         }
         (staging / SPARSITY_FILE).write_text(json.dumps(record, indent=2))
         if finish is not None:
@@ -116,12 +119,32 @@ def read_sparsity(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def verify_dense(directory: str | Path) -> None:
+    """Check the dense weights of a pruned directory against the SHA-256s its `sparsity.json` records
+    (directories without the record, e.g. any other model directory, pass unchecked).
+
+    Raises:
+        CorruptFileError: a weights file is missing or damaged.
+    """
+    directory = Path(directory)
+    record = directory / SPARSITY_FILE
+    if not record.is_file():
+        return
+    for name, expected in json.loads(record.read_text()).get("files", {}).get("dense_sha256", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise CorruptFileError(f"{path} is missing (listed in {SPARSITY_FILE})")
+        if sha256_file(path) != expected:
+            raise CorruptFileError(f"{path} is damaged: its SHA-256 does not match {SPARSITY_FILE}; "
+                                   "prune again, or load the compressed form")
+
+
 def load_pruned(directory: str | Path, compressed: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a pruned directory as a dense model, from its dense or its compressed weights.
 
     Raises:
         FileNotFoundError: no such directory or weights.
-        CorruptFileError: the compressed weights are damaged.
+        CorruptFileError: the weights are damaged.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -129,6 +152,7 @@ def load_pruned(directory: str | Path, compressed: bool = False, dtype: torch.dt
     if compressed:
         inner = directory / COMPRESSED_DIR if (directory / COMPRESSED_DIR).is_dir() else directory
         return load_compressed_model(inner, dtype=dtype)
+    verify_dense(directory)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32).eval()

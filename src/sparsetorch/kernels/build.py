@@ -15,6 +15,9 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
+import stat
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sparsetorch.cache import cache_dir
+from sparsetorch.formats.checkpoint import sha256_file
 from sparsetorch.kernels.cpu_features import ISA_FLAGS, supported_isas
 
 __all__ = ["CSRC", "KERNELS", "Extension", "best_loaded_isa", "best_ops", "build_dir", "load_extension", "load_isa",
@@ -83,6 +87,41 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _distrust(*paths: Path) -> str | None:
+    """Why a cached build at these paths must not be loaded (another user's, or writable by anyone), or None."""
+    for path in paths:
+        if not path.exists():
+            continue
+        info = path.stat()
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            return f"{path} belongs to another user"
+        if info.st_mode & stat.S_IWOTH:
+            return f"{path} is writable by every user"
+    return None
+
+
+def _recorded_sha256(library: Path) -> str | None:
+    """The SHA-256 recorded when `library` was built (None: not built, or built by an older sparsetorch)."""
+    recorded = library.with_name(library.name + ".sha256")
+    return recorded.read_text().strip() if library.exists() and recorded.exists() else None
+
+
+def _build(extension: Extension, isa: str, name: str, directory: Path) -> None:
+    """Compile in a private staging directory beside `directory`, record the library's SHA-256, and
+    rename it into place: `directory` never holds half a build."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=directory.parent))
+    try:
+        _compile(extension, isa, name, staging)
+        library = staging / f"{name}.so"
+        library.with_name(library.name + ".sha256").write_text(sha256_file(library))
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _compile(extension: Extension, isa: str, name: str, directory: Path) -> None:
     from torch.utils.cpp_extension import load  # pulls in setuptools: only when a build is needed
 
@@ -104,13 +143,9 @@ def load_extension(extension: Extension, isa: str):
         return None
     name = module_name(isa, extension)
     directory = build_dir(isa, extension)
-    library = directory / f"{name}.so"
     try:
-        if not library.exists():
-            with _exclusive(directory.parent / f"{name}.lock"):
-                if not library.exists():
-                    _compile(extension, isa, name, directory)
-        if not hasattr(getattr(torch.ops, name), "isa"):
+        library = _trusted_build(extension, isa, name, directory)
+        if not hasattr(getattr(torch.ops, name), "isa"):  # a fresh build was loaded by its compile already
             torch.ops.load_library(str(library))
     except Exception as err:  # no compiler, no ninja, a failed build: all mean "use the fallback"
         warnings.warn(
@@ -121,6 +156,28 @@ def load_extension(extension: Extension, isa: str):
         )
         return None
     return getattr(torch.ops, name)
+
+
+def _trusted_build(extension: Extension, isa: str, name: str, directory: Path) -> Path:
+    """The path of a build of `name` this process may load: the cached one if it is this user's, writable by
+    no one else and intact (rebuilt if damaged), else a fresh build in a private directory, with a warning."""
+    library = directory / f"{name}.so"
+    problem = _distrust(directory.parent, directory, library)
+    if problem is not None:
+        warnings.warn(f"sparsetorch does not load its cached {extension.kind} build: {problem}; building a "
+                      "private copy for this process (set SPARSETORCH_CACHE to a directory of your own)",
+                      RuntimeWarning, stacklevel=4)
+        private = Path(tempfile.mkdtemp(prefix="sparsetorch-build-")) / name
+        _build(extension, isa, name, private)
+        return private / f"{name}.so"
+    with _exclusive(directory.parent / f"{name}.lock"):
+        recorded = _recorded_sha256(library)
+        if recorded is None or recorded != sha256_file(library):
+            if recorded is not None:
+                warnings.warn(f"{library} does not match the SHA-256 recorded at its build; rebuilding it",
+                              RuntimeWarning, stacklevel=4)
+            _build(extension, isa, name, directory)
+    return library
 
 
 def load_isa(isa: str):

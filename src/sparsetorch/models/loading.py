@@ -99,6 +99,8 @@ def resolve_model_path(spec: str | Path | None, progress: bool = True) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json")
         return path
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file; pass the Hugging Face model directory that holds it")
     if _HUB_ID.match(str(spec)) and not path.exists():
         raise FileNotFoundError(
             f"{spec!r} looks like a Hugging Face hub id, but there is no local directory of that name and "

@@ -80,7 +80,7 @@ def prune(
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
                 pruner.prune_group([module], None)
         else:
-            calibration = _check_calibration(calibration)
+            calibration = _check_calibration(calibration, model)
             runner, targets = calibration_model(model, targets, calibration.shape[-1], config.blocks)
             pruner = _LayerPruner(config, targets)
             _prune_with_calibration(runner, calibration, config, pruner, progress, checkpoint)
@@ -88,21 +88,40 @@ def prune(
 
 
 def _check_shapes(targets: dict[str, nn.Module], config: PruneConfig) -> None:
-    """Fail before any weight changes if a layer cannot take the pattern."""
+    """Fail before any weight changes if a layer cannot take the pattern, naming every such layer."""
     pattern = config.pattern_obj
+    errors = {}
     for name, module in targets.items():
         try:
             pattern.check_shape(weight_matrix(module).shape)
         except ValueError as err:
-            raise ValueError(f"layer {name}: {err}; leave it dense with ignore=[{name!r}]") from None
+            errors[name] = str(err)
+    if errors:
+        first, reason = next(iter(errors.items()))
+        raise ValueError(f"layer {first}: {reason}; {len(errors)} layer(s) cannot take {config.pattern}: leave them "
+                         f"dense with ignore={list(errors)}")
 
 
-def _check_calibration(calibration: Tensor | None) -> Tensor:
+def _check_calibration(calibration: Tensor | None, model: nn.Module) -> Tensor:
+    """Calibration a model can run: for a language model (one whose config has a vocab_size), integer
+    token ids inside its vocabulary, at least 2 per window; for any other module, a batch of inputs."""
     if calibration is None:
         raise ValueError("this method needs calibration data: pass calibration=(windows, tokens) input ids")
     if not isinstance(calibration, Tensor) or calibration.dim() < 2 or calibration.shape[0] < 1:
         shape = tuple(calibration.shape) if isinstance(calibration, Tensor) else type(calibration).__name__
         raise ValueError(f"calibration must be a tensor of shape (windows, ...), got {shape}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        return calibration
+    if calibration.is_floating_point() or calibration.is_complex() or calibration.dtype == torch.bool:
+        raise TypeError(f"calibration of a language model must be token ids (an integer tensor), got {calibration.dtype}")
+    if calibration.dim() != 2 or calibration.shape[1] < 2:
+        raise ValueError(f"calibration must be (windows, tokens) ids with at least 2 tokens per window, "
+                         f"got shape {tuple(calibration.shape)}")
+    low, high = int(calibration.min()), int(calibration.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"calibration holds token id {bad}, outside the model's vocabulary of {vocab} ids (0..{vocab - 1})")
     return calibration
 
 
@@ -170,7 +189,8 @@ def _prune_with_calibration(
     start, saved = (0, None) if checkpoint is None else checkpoint.restore(modules, pruner.layers, pruner.masks)
     batches = block_batches(model, blocks, chunks)
     hidden = batches.hidden if saved is None else saved
-    bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress)
+    bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress,
+               mininterval=0)  # every block shows: there are few, and each is a moment an interrupt may come
     for index in range(start, len(blocks)):
         block = blocks[index]
         pending = pruner.pending(block)

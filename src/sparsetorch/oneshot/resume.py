@@ -4,7 +4,7 @@ After each block the pipeline saves that block's pruned weights and keep masks, 
 per-layer report so far, and the block's outputs (the next block's inputs). A later
 run with the same configuration and calibration data restores them and continues with
 the next block, giving the same result as an uninterrupted run. A checkpoint made for
-other settings is never used silently.
+other settings, other calibration data or another model is never used silently.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.report import LayerReport
+from sparsetorch.targets import find_targets
 
-__all__ = ["ResumeCheckpoint", "StaleCheckpointError"]
+__all__ = ["ResumeCheckpoint", "StaleCheckpointError", "model_identity"]
 
 _PROGRESS = "progress.json"
 _LEGACY_HIDDEN = "hidden.pt"  # checkpoints written before the hidden states were named per block
@@ -38,9 +39,32 @@ class StaleCheckpointError(ValueError):
     """A resume checkpoint written for a different configuration or calibration set."""
 
 
+SAMPLES = 4096  # values hashed per parameter: enough to tell models apart, cheap for any size
+
+
+def model_identity(model: nn.Module, config: PruneConfig) -> dict:
+    """What a resumed run must share with the interrupted one's model: every parameter's name, shape and
+    dtype, and a hash of evenly spaced values of the parameters pruning never writes (embeddings, norms,
+    biases, layers left dense), so the identity is the same before and after some blocks were pruned."""
+    pruned = {f"{name}.weight" for name in find_targets(model, config.targets, config.ignore)}
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
+        if name not in pruned and param.numel():
+            flat = param.detach().reshape(-1)
+            picks = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel())).long()
+            digest.update(flat[picks].float().cpu().numpy().tobytes())
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    return {"type": kind, "parameters": sum(p.numel() for p in model.parameters()), "sha256": digest.hexdigest()}
+
+
 def _fingerprint(config: PruneConfig, calibration: Tensor) -> dict:
     digest = hashlib.sha256(calibration.contiguous().numpy().tobytes()).hexdigest()
     return {"config": config.to_dict(), "calibration_sha256": digest, "shape": list(calibration.shape)}
+
+
+def _describe(identity: dict) -> str:
+    return f"a {identity['type']} model of {identity['parameters']:,} parameters, weights {identity['sha256'][:12]}"
 
 
 def _replace(path: Path, write) -> None:
@@ -57,15 +81,24 @@ class ResumeCheckpoint:
         >>> prune(model, windows, config, checkpoint=ResumeCheckpoint("run.resume", config, windows))
     """
 
-    def __init__(self, directory: str | Path, config: PruneConfig, calibration: Tensor) -> None:
+    def __init__(self, directory: str | Path, config: PruneConfig, calibration: Tensor,
+                 model: nn.Module | None = None) -> None:
+        """`model`, before it is pruned: a checkpoint of another model is then refused (see `model_identity`)."""
         self.directory = Path(directory)
         self.fingerprint = _fingerprint(config, calibration)
+        self.model = None if model is None else model_identity(model, config)
 
     def _progress(self) -> dict | None:
         path = self.directory / _PROGRESS
         if not path.exists():
             return None
         progress = json.loads(path.read_text())
+        theirs = progress.get("model")
+        if self.model is not None and theirs is not None and theirs != self.model:
+            raise StaleCheckpointError(
+                f"{self.directory} holds a checkpoint of another model ({_describe(theirs)}; this run prunes "
+                f"{_describe(self.model)}); delete it (CLI: --restart) or choose another output"
+            )
         if progress.get("fingerprint") != self.fingerprint:
             raise StaleCheckpointError(
                 f"{self.directory} holds a checkpoint of a run with other settings or calibration data; "
@@ -105,6 +138,7 @@ class ResumeCheckpoint:
         _replace(self.directory / hidden_name, lambda p: torch.save(hidden, p))
         progress = {
             "fingerprint": self.fingerprint,
+            "model": self.model,
             "blocks_done": index + 1,
             "hidden": hidden_name,
             "layers": {name: asdict(layer) for name, layer in layers.items()},

@@ -19,10 +19,11 @@ from sparsetorch.formats.bitmask import BITMASK_KEYS, BitmaskTensor
 from sparsetorch.formats.checkpoint import COMPRESSED_DIR, CompressedReader, CorruptFileError, open_compressed
 from sparsetorch.nn import SparseLinear
 from sparsetorch.runtime.config import RuntimeConfig
-from sparsetorch.runtime.decide import TimingCache, decide_layer
+from sparsetorch.runtime.decide import DENSE, LayerDecision, TimingCache, decide_layer
 from sparsetorch.runtime.malloc import give_back_free_memory
 from sparsetorch.runtime.report import CompileReport
 from sparsetorch.runtime.timing import MedianTimer, Timer
+from sparsetorch.targets import is_conv1d
 
 __all__ = ["assign_weights", "load_sparse_model"]
 
@@ -39,14 +40,15 @@ def _skeleton(directory: Path) -> nn.Module:
 
 
 def _computed_buffers(model: nn.Module) -> None:
-    """Give real values to buffers no file stores (rotary frequencies), as transformers does: an
-    empty CPU tensor, then the model's own `_init_weights` on the parameter-free module owning it."""
+    """Give real values to buffers no file stores (rotary frequencies, Gemma's embedding scale), as
+    transformers does: an empty CPU tensor, then the model's own `_init_weights` on the module owning it.
+    Run before any weight is assigned: `_init_weights` then initializes only meta parameters, a no-op."""
     owners = {}
     for name, buffer in list(model.named_buffers()):
         if buffer.is_meta:
             owner_name, _, leaf = name.rpartition(".")
             owner = model.get_submodule(owner_name)
-            if next(owner.parameters(recurse=False), None) is not None or not hasattr(model, "_init_weights"):
+            if not hasattr(model, "_init_weights") or any(not p.is_meta for p in owner.parameters(recurse=False)):
                 raise NotImplementedError(f"sparsetorch cannot compute buffer {name}; load this model with load_pruned")
             setattr(owner, leaf, torch.empty_like(buffer, device="cpu"))
             owners[owner_name] = owner
@@ -62,6 +64,16 @@ def _read_bitmask(reader: CompressedReader, prefix: str) -> BitmaskTensor:
         raise CorruptFileError(f"{reader.path}: {err}") from None
 
 
+def _as_out_in(module: nn.Module, stored: BitmaskTensor) -> tuple[Tensor, Tensor]:
+    """The stored weight's keep-mask and kept values as an (out, in) matrix's, as SparseLinear takes them;
+    GPT-2's Conv1D stores its weight transposed."""
+    if not is_conv1d(module):
+        return stored.mask(), stored.values
+    dense = stored.to_dense().t().contiguous()
+    mask = stored.mask().t().contiguous()
+    return mask, dense[mask]
+
+
 def assign_weights(model: nn.Module, state: dict[str, Tensor], tied: dict[str, str], directory: Path) -> None:
     """Fill a meta-device skeleton with `state` (tensors taken as they are, no copy), tie its weights
     (`tied`: alias -> stored name) and compute the buffers no file stores.
@@ -69,12 +81,12 @@ def assign_weights(model: nn.Module, state: dict[str, Tensor], tied: dict[str, s
     Raises:
         CorruptFileError: a parameter got no weight: the file does not match config.json.
     """
+    _computed_buffers(model)  # first, while the parameters are still on the meta device
     for alias, name in tied.items():
         if name in state:
             state.setdefault(alias, state[name])
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    _computed_buffers(model)
     empty = [name for name, p in model.named_parameters() if p.is_meta]
     if empty:
         raise CorruptFileError(f"{directory}: no weights stored for {empty[:5]}; the file does not match config.json")
@@ -126,9 +138,16 @@ def _sparse_layers(model: nn.Module, reader: CompressedReader, config: RuntimeCo
     prefixes = [key.removesuffix(".bitmask") for key in keys if key.endswith(".bitmask")]
     used = {f"{prefix}.{part}" for prefix in prefixes for part in BITMASK_KEYS}
     decisions, state = [], {}
+    shared = set(reader.tied.values())  # weights other parameters are tied to stay tensors
     for prefix in prefixes:
         stored = _read_bitmask(reader, prefix)
-        decision, weight = decide_layer(prefix, stored.mask(), stored.values, config, cache)
+        if f"{prefix}.weight" in shared:
+            mask = stored.mask()
+            decision, weight = LayerDecision(prefix, tuple(mask.shape), float(mask.float().mean()), DENSE,
+                                             reason="tied to another parameter"), None
+        else:
+            mask, values = _as_out_in(model.get_submodule(prefix), stored)
+            decision, weight = decide_layer(prefix, mask, values, config, cache)
         if weight is None:
             state[f"{prefix}.weight"] = stored.to_dense()
         else:
