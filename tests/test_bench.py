@@ -92,3 +92,27 @@ def test_lean_decoder_refuses_an_unsupported_family_with_one_message(tmp_path):
     assert resolve_decoder(tmp_path, "auto") == "transformers"
     with pytest.raises(ValueError, match="decoder 'lean': the lean decoder runs model_type"):
         resolve_decoder(tmp_path, "lean")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma"])
+def test_bench_runs_families_beyond_llama_with_the_same_tokens(family, text_files, tmp_path, capsys):
+    """GPT-2 (Conv1D: weights stored transposed) and Gemma (a computed embedding scale) through transformers' loop."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import _train_tokenizer
+    from test_families import _config
+
+    tokenizer = _train_tokenizer()
+    torch.manual_seed(0)
+    model_dir = tmp_path / family
+    AutoModelForCausalLM.from_config(_config(family, vocab=len(tokenizer))).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "pruned"
+    assert main(["prune", str(model_dir), "--out", str(out), "--calib-text", str(text_files[0]), "--method", "sparsegpt",
+                 "--calib-samples", "4", "--seqlen", "32", "--pattern", "2:4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(out), "--prefill-tokens", "16", "--decode-tokens", "6", "--repeats", "1", "--rounds", "1",
+                 "--sparse-runtime", "always"]) == 0
+    printed = capsys.readouterr().out
+    assert "decoder: transformers" in printed and "greedy tokens identical to the dense model: yes" in printed

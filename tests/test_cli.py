@@ -265,3 +265,15 @@ def test_inspect_leaves_a_dense_source_directory_untouched(tiny_model_dir, tmp_p
     assert main(["inspect", str(tiny_model_dir)]) == 0
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
     assert (tmp_path / "tiny-llama-sparsity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_not_enough_disk_is_refused_before_any_work(tiny_model_dir, text_files, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    assert main(_prune_args(tiny_model_dir, tmp_path / "o", text_files[0])) == 2
+    err = capsys.readouterr().err
+    assert "not enough free disk for" in err and "0.00 GB free" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -11,31 +11,33 @@ from sparsetorch.formats.pruned import load_pruned, save_pruned
 from sparsetorch.runtime import RuntimeConfig, load_sparse_model
 
 VOCAB, HIDDEN, INNER, HEADS = 128, 64, 128, 4
-LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=2,
-                  num_attention_heads=HEADS, num_key_value_heads=2)
 
 
-def _config(family: str):
+def _config(family: str, vocab: int = VOCAB):
+    """A tiny random config of `family` whose every linear takes 2:4 (dimensions divisible by 4)."""
     import transformers as t
 
+    llama_like = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=2,
+                      num_attention_heads=HEADS, num_key_value_heads=2)
+
     builders = {
-        "llama": lambda: t.LlamaConfig(**LLAMA_LIKE),
-        "mistral": lambda: t.MistralConfig(**LLAMA_LIKE),
-        "qwen2": lambda: t.Qwen2Config(**LLAMA_LIKE),
-        "qwen3": lambda: t.Qwen3Config(**LLAMA_LIKE, head_dim=16),
-        "gemma": lambda: t.GemmaConfig(**LLAMA_LIKE, head_dim=16),
-        "phi3": lambda: t.Phi3Config(**LLAMA_LIKE, pad_token_id=0),
-        "olmo": lambda: t.OlmoConfig(**LLAMA_LIKE),
-        "gpt2": lambda: t.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=HEADS, n_positions=64),
-        "gptj": lambda: t.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=HEADS, rotary_dim=8,
+        "llama": lambda: t.LlamaConfig(**llama_like),
+        "mistral": lambda: t.MistralConfig(**llama_like),
+        "qwen2": lambda: t.Qwen2Config(**llama_like),
+        "qwen3": lambda: t.Qwen3Config(**llama_like, head_dim=16),
+        "gemma": lambda: t.GemmaConfig(**llama_like, head_dim=16),
+        "phi3": lambda: t.Phi3Config(**llama_like, pad_token_id=0),
+        "olmo": lambda: t.OlmoConfig(**llama_like),
+        "gpt2": lambda: t.GPT2Config(vocab_size=vocab, n_embd=HIDDEN, n_layer=2, n_head=HEADS, n_positions=64),
+        "gptj": lambda: t.GPTJConfig(vocab_size=vocab, n_embd=HIDDEN, n_layer=2, n_head=HEADS, rotary_dim=8,
                                      n_positions=64),
-        "opt": lambda: t.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=INNER, num_hidden_layers=2,
+        "opt": lambda: t.OPTConfig(vocab_size=vocab, hidden_size=HIDDEN, ffn_dim=INNER, num_hidden_layers=2,
                                    num_attention_heads=HEADS, word_embed_proj_dim=HIDDEN, max_position_embeddings=64),
-        "gpt_neox": lambda: t.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INNER,
+        "gpt_neox": lambda: t.GPTNeoXConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INNER,
                                             num_hidden_layers=2, num_attention_heads=HEADS),
-        "falcon": lambda: t.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+        "falcon": lambda: t.FalconConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=2,
                                          num_attention_heads=HEADS, new_decoder_architecture=False),
-        "bloom": lambda: t.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=2, n_head=HEADS),
+        "bloom": lambda: t.BloomConfig(vocab_size=vocab, hidden_size=HIDDEN, n_layer=2, n_head=HEADS),
     }
     return builders[family]()
 

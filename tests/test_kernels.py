@@ -185,3 +185,13 @@ def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path):
         build._trusted_build(build.KERNELS, isa, module_name(isa), build_dir(isa))
     assert len(builds) == 2 and library.read_bytes() == b"library v2"
     assert not list(tmp_path.glob("kernels/.*.build-*"))  # staging renamed or removed
+
+
+def test_group_write_is_trusted_only_for_a_group_of_ones_own(tmp_path, monkeypatch):
+    cache = tmp_path / "kernels"
+    cache.mkdir()
+    cache.chmod(0o775)
+    monkeypatch.setattr(build, "_group_has_others", lambda gid: False)
+    assert build._distrust(cache) is None
+    monkeypatch.setattr(build, "_group_has_others", lambda gid: True)
+    assert build._distrust(cache) == f"{cache} is writable by its group, which has other users"

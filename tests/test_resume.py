@@ -216,3 +216,19 @@ def test_a_checkpoint_of_another_model_is_refused_naming_both(tmp_path):
     with torch.no_grad():
         first.model.layers[0].mlp.down_proj.weight.zero_()
     assert model_identity(first, config) == identity
+
+
+@pytest.mark.parametrize("damage", ["hidden", "block", "progress"])
+def test_a_damaged_checkpoint_says_so_and_changes_nothing(tmp_path, damage):
+    from sparsetorch.oneshot.resume import DamagedCheckpointError
+
+    config, ids = sparsetorch.PruneConfig(), calibration_ids()
+    _saved(tmp_path, config, ids)
+    target = {"hidden": next(tmp_path.glob("hidden-*.pt")), "block": tmp_path / "block-0000.safetensors",
+              "progress": tmp_path / "progress.json"}[damage]
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    fresh = tiny_llama()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(DamagedCheckpointError, match=f"{target.name} is damaged .*rerun with --restart"):
+        ResumeCheckpoint(tmp_path, config, ids).restore(dict(fresh.named_modules()), {}, {})
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())

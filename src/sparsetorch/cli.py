@@ -273,6 +273,26 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"cannot write {out}: {parent} is not a directory this user may write to; choose another --out")
 
 
+def _check_disk(out: Path, model, config) -> None:
+    """Refuse to start when the output's file system cannot hold what the run writes: the dense weights,
+    the compressed form (at most as large) and the resume checkpoint (the pruned weights and a byte of
+    mask per weight)."""
+    from sparsetorch.models import count_parameters
+    from sparsetorch.targets import find_targets
+
+    weight = next(model.parameters())
+    dense = count_parameters(model) * weight.element_size()
+    pruned = sum(m.weight.numel() for m in find_targets(model, config.targets, config.ignore).values())
+    needed = 2 * dense + pruned * (weight.element_size() + 1)
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise UserError(f"not enough free disk for {out}: about {needed / 1e9:.2f} GB needed (dense and compressed "
+                        f"weights, resume checkpoint), {free / 1e9:.2f} GB free on {parent}")
+
+
 def _read_text(path: Path | None) -> str | None:
     """The UTF-8 text of `path`; a directory, a missing file or bytes that are not UTF-8 are errors."""
     if path is None:
@@ -357,6 +377,7 @@ def _prune_into(args, config, out: Path) -> int:
 
     _check_out(out, args.overwrite)  # again under the lock: the run that held it may have just written it
     model, tokenizer, path = load_model(args.model, progress=not args.quiet)
+    _check_disk(out, model, config)
     windows, calibration = _calibration(args, tokenizer, config)
     checkpoint = _resume_checkpoint(out, config, windows, model, args.restart)
     args.resume_dir = None if checkpoint is None else checkpoint.directory  # named if interrupted

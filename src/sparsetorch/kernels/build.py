@@ -97,7 +97,25 @@ def _distrust(*paths: Path) -> str | None:
             return f"{path} belongs to another user"
         if info.st_mode & stat.S_IWOTH:
             return f"{path} is writable by every user"
+        if info.st_mode & stat.S_IWGRP and _group_has_others(info.st_gid):
+            return f"{path} is writable by its group, which has other users"
     return None
+
+
+def _group_has_others(gid: int) -> bool:
+    """Whether a user other than this one belongs to group `gid` (as a member or by primary group)."""
+    try:
+        import grp
+        import pwd
+    except ImportError:
+        return False
+    me = pwd.getpwuid(os.getuid()).pw_name
+    try:
+        members = set(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        return True  # an unnamed group: nothing says it is ours alone
+    members |= {user.pw_name for user in pwd.getpwall() if user.pw_gid == gid}
+    return bool(members - {me})
 
 
 def _recorded_sha256(library: Path) -> str | None:

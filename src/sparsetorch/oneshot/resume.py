@@ -24,7 +24,7 @@ from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.report import LayerReport
 from sparsetorch.targets import find_targets
 
-__all__ = ["ResumeCheckpoint", "StaleCheckpointError", "model_identity"]
+__all__ = ["DamagedCheckpointError", "ResumeCheckpoint", "StaleCheckpointError", "model_identity"]
 
 _PROGRESS = "progress.json"
 _LEGACY_HIDDEN = "hidden.pt"  # checkpoints written before the hidden states were named per block
@@ -36,7 +36,11 @@ def _hidden_name(blocks_done: int) -> str:
 
 
 class StaleCheckpointError(ValueError):
-    """A resume checkpoint written for a different configuration or calibration set."""
+    """A resume checkpoint written for a different configuration, calibration set or model."""
+
+
+class DamagedCheckpointError(StaleCheckpointError):
+    """A resume checkpoint whose files cannot be read back."""
 
 
 SAMPLES = 4096  # values hashed per parameter: enough to tell models apart, cheap for any size
@@ -92,7 +96,10 @@ class ResumeCheckpoint:
         path = self.directory / _PROGRESS
         if not path.exists():
             return None
-        progress = json.loads(path.read_text())
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._damaged(path, err) from None
         theirs = progress.get("model")
         if self.model is not None and theirs is not None and theirs != self.model:
             raise StaleCheckpointError(
@@ -111,8 +118,9 @@ class ResumeCheckpoint:
         progress = self._progress()
         if progress is None:
             return 0, None
-        for index in range(progress["blocks_done"]):
-            for key, tensor in load_file(self.directory / f"block-{index:04d}.safetensors").items():
+        blocks, hidden = self._read(progress)  # all of it first: a damaged file changes nothing
+        for tensors in blocks:
+            for key, tensor in tensors.items():
                 name, kind = key.rsplit(".", 1)
                 if kind == "weight":
                     modules[name].weight.detach().copy_(tensor)  # bumps the version: see set_weight_matrix
@@ -120,8 +128,24 @@ class ResumeCheckpoint:
                     masks[name] = tensor.bool()
         for name, record in progress["layers"].items():
             layers[name] = LayerReport(**{**record, "shape": tuple(record["shape"])})
-        hidden = self.directory / progress.get("hidden", _LEGACY_HIDDEN)
-        return progress["blocks_done"], torch.load(hidden, weights_only=True)
+        return progress["blocks_done"], hidden
+
+    def _read(self, progress: dict) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
+        """The finished blocks' tensors and the next block's inputs, or DamagedCheckpointError."""
+        path = self.directory
+        try:
+            blocks = []
+            for index in range(progress["blocks_done"]):
+                path = self.directory / f"block-{index:04d}.safetensors"
+                blocks.append(load_file(path))
+            path = self.directory / progress.get("hidden", _LEGACY_HIDDEN)
+            return blocks, torch.load(path, weights_only=True)
+        except Exception as err:  # safetensors, pickle and zip raise many kinds for a damaged file
+            raise self._damaged(path, err) from None
+
+    def _damaged(self, path: Path, err: Exception) -> DamagedCheckpointError:
+        return DamagedCheckpointError(f"the resume checkpoint {path} is damaged ({type(err).__name__}: "
+                                      f"{str(err)[:200]}); rerun with --restart (API: checkpoint.clear())")
 
     def save(self, index: int, names: list[str], modules: dict[str, nn.Module], layers: dict, masks: dict,
              hidden: list[Tensor]) -> None:
