@@ -8,6 +8,7 @@ import pytest
 
 from sparsetorch.cli import main
 from sparsetorch.evaluate.bench import BenchConfig
+from test_families import NAMED, _config
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +95,14 @@ def test_lean_decoder_refuses_an_unsupported_family_with_one_message(tmp_path):
         resolve_decoder(tmp_path, "lean")
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma"])
-def test_bench_runs_families_beyond_llama_with_the_same_tokens(family, text_files, tmp_path, capsys):
-    """GPT-2 (Conv1D: weights stored transposed) and Gemma (a computed embedding scale) through transformers' loop."""
+@pytest.mark.parametrize("family", NAMED)
+def test_bench_runs_every_named_family_with_the_same_greedy_tokens(family, text_files, tmp_path, capsys):
+    """Beyond Llama too: GPT-2's Conv1D stores weights transposed, Gemma computes its embedding scale."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from conftest import _train_tokenizer
-    from test_families import _config
+    from sparsetorch.models import own_families
 
     tokenizer = _train_tokenizer()
     torch.manual_seed(0)
@@ -115,4 +116,5 @@ def test_bench_runs_families_beyond_llama_with_the_same_tokens(family, text_file
     assert main(["bench", str(out), "--prefill-tokens", "16", "--decode-tokens", "6", "--repeats", "1", "--rounds", "1",
                  "--sparse-runtime", "always"]) == 0
     printed = capsys.readouterr().out
-    assert "decoder: transformers" in printed and "greedy tokens identical to the dense model: yes" in printed
+    decoder = "lean" if family in own_families() else "transformers"
+    assert f"decoder: {decoder}" in printed and "greedy tokens identical to the dense model: yes" in printed

@@ -56,7 +56,8 @@ def model_identity(model: nn.Module, config: PruneConfig) -> dict:
         digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
         if name not in pruned and param.numel():
             flat = param.detach().reshape(-1)
-            picks = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel())).long()
+            count = min(SAMPLES, flat.numel())
+            picks = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)  # exact in int64
             digest.update(flat[picks].float().cpu().numpy().tobytes())
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     return {"type": kind, "parameters": sum(p.numel() for p in model.parameters()), "sha256": digest.hexdigest()}
