@@ -109,15 +109,40 @@ def test_a_kill_at_any_moment_leaves_nothing_half_written_and_the_rerun_equals_a
     assert left == ["o"], left  # no staging directory, no resume checkpoint, no lock
 
 
-def test_two_runs_into_one_output_at_once_one_wins_the_other_says_why(six_block_model, text_files, reference, tmp_path):
+@pytest.fixture(scope="module")
+def other_model(six_block_model, tmp_path_factory):
+    """The same tokenizer and shapes, other weights."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("models") / "other"
+    shutil.copytree(six_block_model, path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(1)
+    for param in model.parameters():
+        param.data.normal_(0, 0.02)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("second_model", ["same", "other"])
+def test_two_runs_into_one_output_at_once_one_wins_the_other_says_why(six_block_model, other_model, text_files,
+                                                                     reference, tmp_path, second_model):
     out = tmp_path / "o"
-    command = _command(six_block_model, out, text_files[0])
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    first = subprocess.Popen(_command(six_block_model, out, text_files[0]), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=_env())
     time.sleep(0.05)
-    second = subprocess.run(command, capture_output=True, text=True, env=_env())
+    model = six_block_model if second_model == "same" else other_model
+    second = subprocess.run(_command(model, out, text_files[0]), capture_output=True, text=True, env=_env())
     _, first_err = first.communicate()
-    codes = sorted([first.returncode, second.returncode])
-    assert codes == [0, 2], (first_err[-1000:], second.stderr[-1000:])
-    loser = second.stderr if second.returncode == 2 else first_err
+    assert sorted([first.returncode, second.returncode]) == [0, 2], (first_err[-1000:], second.stderr[-1000:])
+    winner_is_first = first.returncode == 0
+    loser = second.stderr if winner_is_first else first_err
     assert "is writing" in loser or "already exists" in loser
-    _assert_same(_tensors(out), reference)
+    if winner_is_first or second_model == "same":
+        _assert_same(_tensors(out), reference)
+    else:  # the other model won: the output is all of it, none of the first's
+        other = tmp_path / "other-reference"
+        subprocess.run(_command(other_model, other, text_files[0]), check=True, capture_output=True, env=_env())
+        _assert_same(_tensors(out), _tensors(other))
