@@ -277,3 +277,13 @@ def test_not_enough_disk_is_refused_before_any_work(tiny_model_dir, text_files, 
     err = capsys.readouterr().err
     assert "not enough free disk for" in err and "0.00 GB free" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_owl_allocation_from_the_command_line(tiny_model_dir, text_files, tmp_path):
+    out = tmp_path / "o"
+    assert main(_prune_args(tiny_model_dir, out, text_files[0], "--sparsity", "0.6", "--allocation", "owl",
+                            "--owl-lambda", "0.05")) == 0
+    record = json.loads((out / "sparsity.json").read_text())
+    targets = sorted({layer["target_sparsity"] for layer in record["layers"].values()})
+    assert record["config"]["allocation"] == "owl" and len(targets) == 2  # two blocks, 0.6 ± 0.05
+    assert targets == pytest.approx([0.55, 0.65])

@@ -80,6 +80,15 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
                        help="calibration windows per forward; in the model's dtype results do not depend on it "
                             "(default: 4)")
     group.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default: 0.01)")
+    group.add_argument("--allocation", choices=["uniform", "owl", "depth"], default="uniform",
+                       help="how sparsity is spread over the decoder blocks, the mean kept at --sparsity: 'uniform' "
+                            "(the papers'), 'owl' (more weights kept where Wanda scores have more outliers), "
+                            "'depth' (later blocks sparser). Unstructured patterns only. Default: uniform")
+    group.add_argument("--owl-m", type=float, default=5.0, help="OWL's M: an outlier is above M times the mean score "
+                       "(default: 5)")
+    group.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's λ: block sparsities span target ± λ "
+                       "(default: 0.08)")
+    group.add_argument("--depth-step", type=float, default=0.01, help="'depth': sparsity added per block (default: 0.01)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, help="output directory (default: pruned/<model>-<method>-<pattern>)")
     out.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -251,6 +260,10 @@ def _config_from_args(args):
         batch_size=args.batch_size,
         dampening=args.dampening,
         seed=args.seed,
+        allocation=args.allocation,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
+        depth_step=args.depth_step,
     )
 
 

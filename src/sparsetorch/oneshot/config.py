@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from sparsetorch.allocate import ALLOCATIONS, check_spread
 from sparsetorch.oneshot.calibrate import LAYER_INPUTS
 from sparsetorch.oneshot.solvers import SolverOptions, get_solver
 from sparsetorch.patterns import Pattern, parse_pattern
@@ -47,6 +48,11 @@ class PruneConfig:
         dampening: SparseGPT's Hessian dampening, a fraction of its mean diagonal.
         block_size: SparseGPT's lazy-update width in columns.
         seed: for the random method.
+        allocation: how sparsity is spread over the decoder blocks, keeping the mean at `sparsity`
+            (`sparsetorch.allocate`): 'uniform' (default, the papers'), 'owl' (more weights kept in
+            blocks with more outliers: `owl_m`, `owl_lambda` as the OWL paper's M and λ), 'depth'
+            (later blocks sparser, `depth_step` apart). Unstructured and block patterns only.
+        layer_sparsity: explicit sparsities for named layers, over whatever the allocation gives.
 
     Example:
         >>> PruneConfig(method="sparsegpt", pattern="2:4").sparsity
@@ -65,6 +71,11 @@ class PruneConfig:
     dampening: float = 0.01
     block_size: int = 128
     seed: int = 0
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    depth_step: float = 0.01
+    layer_sparsity: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         get_solver(self.method)
@@ -92,6 +103,23 @@ class PruneConfig:
             raise ValueError(f"block_size must be a positive number of columns, got {self.block_size}")
         if not self.dampening > 0:
             raise ValueError(f"dampening must be > 0, got {self.dampening}")
+        self._check_allocation(pattern)
+
+    def _check_allocation(self, pattern: Pattern) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
+        varies = self.allocation != "uniform" or self.layer_sparsity
+        if varies and pattern.fixed_sparsity is not None:
+            raise ValueError(f"pattern {pattern.spec} fixes every layer's sparsity; allocation={self.allocation!r} "
+                             "and layer_sparsity need an unstructured or block pattern")
+        if not self.owl_m > 0:
+            raise ValueError(f"owl_m must be > 0 (an outlier is above owl_m times the mean score), got {self.owl_m}")
+        if not 0 <= self.owl_lambda < 1 or not 0 <= self.depth_step < 1:
+            raise ValueError(f"owl_lambda and depth_step must be in [0, 1), got {self.owl_lambda}, {self.depth_step}")
+        if self.layer_sparsity is not None:
+            spread = dict(self.layer_sparsity)
+            object.__setattr__(self, "layer_sparsity", spread)
+            check_spread(spread.values(), "layer_sparsity")
 
     @property
     def pattern_obj(self) -> Pattern:

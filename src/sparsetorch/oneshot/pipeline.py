@@ -20,10 +20,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sparsetorch import allocate
 from sparsetorch.families import find_blocks, model_type
 from sparsetorch.oneshot.calibrate import LAYER_INPUTS, BlockWork
-from sparsetorch.oneshot.capture import block_batches, calibration_model, model_forward
+from sparsetorch.oneshot.capture import BlockBatches, block_batches, calibration_model, model_forward
 from sparsetorch.oneshot.config import PruneConfig
+from sparsetorch.oneshot.outliers import block_outlier_ratios
 from sparsetorch.oneshot.report import LayerReport, PruneReport
 from sparsetorch.oneshot.resume import ResumeCheckpoint
 from sparsetorch.oneshot.solvers import get_solver
@@ -77,6 +79,8 @@ def prune(
     with torch.no_grad():
         if get_solver(config.method).statistic is None:
             pruner = _LayerPruner(config, targets)
+            if config.allocation != "uniform" or config.layer_sparsity:
+                pruner.sparsity = _allocate(config, pruner, _blocks_of(model, config), None)
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
                 pruner.prune_group([module], None)
         else:
@@ -137,6 +141,7 @@ class _LayerPruner:
         self.index = {module: i for i, module in enumerate(targets.values())}
         self.layers: dict[str, LayerReport] = {}
         self.masks: dict[str, Tensor] = {}
+        self.sparsity: dict[str, float] = {name: config.sparsity for name in targets}  # see `_allocate`
 
     def pending(self, within: nn.Module) -> set[nn.Module]:
         return {m for m in within.modules() if m in self.names and self.names[m] not in self.layers}
@@ -146,8 +151,9 @@ class _LayerPruner:
         started = time.perf_counter()
         options = replace(self.config.solver_options(), seed=self.config.seed + self.index[modules[0]])
         weights = [weight_matrix(module) for module in modules]
+        sparsity = self.sparsity[self.names[modules[0]]]  # layers sharing an input sit in one block
         with full_precision(weights[0].device):  # even inside a caller's autocast context
-            results = self.solver.solve(weights, stat, self.pattern, self.config.sparsity, options)
+            results = self.solver.solve(weights, stat, self.pattern, sparsity, options)
         seconds = (time.perf_counter() - started) / len(modules)
         for module, weight, (new_weight, keep) in zip(modules, weights, results):
             set_weight_matrix(module, new_weight)
@@ -157,7 +163,7 @@ class _LayerPruner:
             self.layers[name] = LayerReport(
                 name=name,
                 shape=tuple(weight.shape),
-                target_sparsity=self.config.sparsity,
+                target_sparsity=sparsity,
                 sparsity=zeros / weight.numel(),
                 seconds=seconds,
             )
@@ -185,9 +191,10 @@ def _prune_with_calibration(
         _prune_whole_model(model, chunks, config, pruner, strategy, precision)
         return
     _check_all_inside(pruner, blocks)
+    batches = block_batches(model, blocks, chunks)
+    pruner.sparsity = _allocate(config, pruner, blocks, batches)  # before a resume restores pruned blocks
     modules = dict(model.named_modules())
     start, saved = (0, None) if checkpoint is None else checkpoint.restore(modules, pruner.layers, pruner.masks)
-    batches = block_batches(model, blocks, chunks)
     hidden = batches.hidden if saved is None else saved
     bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress,
                mininterval=0)  # every block shows: there are few, and each is a moment an interrupt may come
@@ -203,6 +210,30 @@ def _prune_with_calibration(
             checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
         bar.update()
     bar.close()
+
+
+def _allocate(config: PruneConfig, pruner: _LayerPruner, blocks: nn.ModuleList,
+              batches: BlockBatches | None) -> dict[str, float]:
+    """Each target layer's sparsity: its block's, by `config.allocation`, then `config.layer_sparsity`."""
+    if config.allocation == "owl":
+        if batches is None:
+            raise ValueError("allocation='owl' measures outliers on calibration data: use a calibrated method "
+                             "(wanda, sparsegpt) or another allocation")
+        ratios = block_outlier_ratios(batches, blocks, set(pruner.names), config.owl_m)
+        per_block = allocate.owl(ratios, config.sparsity, config.owl_lambda)
+    elif config.allocation == "depth":
+        per_block = allocate.depth(len(blocks), config.sparsity, config.depth_step)
+    else:
+        per_block = allocate.uniform(len(blocks), config.sparsity)
+    allocate.check_spread(per_block, f"allocation={config.allocation!r}")
+    sparsity = dict(pruner.sparsity)
+    for block, block_sparsity in zip(blocks, per_block):
+        sparsity.update({pruner.names[m]: block_sparsity for m in block.modules() if m in pruner.names})
+    unknown = set(config.layer_sparsity or {}) - set(sparsity)
+    if unknown:
+        raise ValueError(f"layer_sparsity names layers that are not pruned: {sorted(unknown)}")
+    sparsity.update(config.layer_sparsity or {})
+    return sparsity
 
 
 def _prune_whole_model(model: nn.Module, chunks: list[Tensor], config: PruneConfig, pruner: _LayerPruner,
@@ -224,6 +255,14 @@ def _check_all_pruned(pruner: _LayerPruner, pending: set[nn.Module]) -> None:
     if pending:
         names = sorted(pruner.names[m] for m in pending)
         raise RuntimeError(f"these target layers never ran during calibration and were not pruned: {names}")
+
+
+def _blocks_of(model: nn.Module, config: PruneConfig) -> nn.ModuleList:
+    blocks = find_blocks(model, config.blocks)
+    if blocks is None:
+        raise ValueError(f"allocation={config.allocation!r} spreads sparsity over decoder blocks, and sparsetorch "
+                         f"knows none for model type {model_type(model)!r}: pass blocks='path.to.layers'")
+    return blocks
 
 
 def _check_all_inside(pruner: _LayerPruner, blocks: nn.ModuleList) -> None:
