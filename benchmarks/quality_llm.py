@@ -75,7 +75,7 @@ def main() -> None:
         f"## Quality of one-shot pruning on two texts, SmolLM2-135M-Instruct ({datetime.date.today()})",
         "",
         f"Command: `{' '.join(['python', 'benchmarks/quality_llm.py', *sys.argv[1:]])}`  ",
-        f"Machine: {machine_line}; torch {torch.__version__}  ",
+        f"Machine: {machine_line}  ",
         f"Data: {args.samples} calibration windows × {args.seqlen} tokens from the calibration plays; perplexity "
         f"on {args.eval_tokens} tokens of each text, windows of {args.seqlen}; 'dense' layer inputs; "
         f"total {(time.time() - started) / 60:.0f} min.",
