@@ -61,3 +61,13 @@ def test_an_explicit_map_overrides_and_fixed_patterns_refuse_allocations():
         sparsetorch.prune(tiny_llama(), method="magnitude", layer_sparsity={"lm_head": 0.5}, progress=False)
     with pytest.raises(ValueError, match="allocation='owl' measures outliers on calibration data"):
         sparsetorch.prune(tiny_llama(), method="magnitude", allocation="owl", progress=False)
+
+
+def test_a_whole_model_pass_takes_the_explicit_map_and_refuses_block_allocations():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    report = sparsetorch.prune(net, torch.randn(4, 8), method="wanda", targets=["Linear"],
+                               layer_sparsity={"0": 0.25}, progress=False)
+    assert report.layers["0"].sparsity == 0.25 and report.layers["2"].sparsity == 0.5
+    with pytest.raises(ValueError, match="allocation='depth' spreads sparsity over decoder blocks"):
+        sparsetorch.prune(net, torch.randn(4, 8), method="wanda", targets=["Linear"], allocation="depth",
+                          progress=False)

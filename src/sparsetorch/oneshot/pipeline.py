@@ -79,8 +79,7 @@ def prune(
     with torch.no_grad():
         if get_solver(config.method).statistic is None:
             pruner = _LayerPruner(config, targets)
-            if config.allocation != "uniform" or config.layer_sparsity:
-                pruner.sparsity = _allocate(config, pruner, _blocks_of(model, config), None)
+            pruner.sparsity = _allocate(config, pruner, find_blocks(model, config.blocks), None)
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
                 pruner.prune_group([module], None)
         else:
@@ -212,9 +211,15 @@ def _prune_with_calibration(
     bar.close()
 
 
-def _allocate(config: PruneConfig, pruner: _LayerPruner, blocks: nn.ModuleList,
+def _allocate(config: PruneConfig, pruner: _LayerPruner, blocks: nn.ModuleList | None,
               batches: BlockBatches | None) -> dict[str, float]:
-    """Each target layer's sparsity: its block's, by `config.allocation`, then `config.layer_sparsity`."""
+    """Each target layer's sparsity: its block's, by `config.allocation`, then `config.layer_sparsity`.
+    Without blocks (a whole-model pass) only 'uniform' and the explicit map apply."""
+    if blocks is None:
+        if config.allocation != "uniform":
+            raise ValueError(f"allocation={config.allocation!r} spreads sparsity over decoder blocks, and sparsetorch "
+                             f"knows none for this model: pass blocks='path.to.layers'")
+        blocks = nn.ModuleList()
     if config.allocation == "owl":
         if batches is None:
             raise ValueError("allocation='owl' measures outliers on calibration data: use a calibrated method "
@@ -245,6 +250,7 @@ def _prune_whole_model(model: nn.Module, chunks: list[Tensor], config: PruneConf
             "blocks='path.to.layers' (CLI --blocks) naming its ModuleList of decoder blocks, or "
             "targets=[...] (CLI --targets 're:.*mlp.*') to prune chosen layers in one whole-model pass"
         )
+    pruner.sparsity = _allocate(config, pruner, None, None)
     work = BlockWork(pruner.pending(model), [model_forward(model, chunk) for chunk in chunks], pruner,
                      want_outputs=False, precision=precision)
     strategy(work)
@@ -255,14 +261,6 @@ def _check_all_pruned(pruner: _LayerPruner, pending: set[nn.Module]) -> None:
     if pending:
         names = sorted(pruner.names[m] for m in pending)
         raise RuntimeError(f"these target layers never ran during calibration and were not pruned: {names}")
-
-
-def _blocks_of(model: nn.Module, config: PruneConfig) -> nn.ModuleList:
-    blocks = find_blocks(model, config.blocks)
-    if blocks is None:
-        raise ValueError(f"allocation={config.allocation!r} spreads sparsity over decoder blocks, and sparsetorch "
-                         f"knows none for model type {model_type(model)!r}: pass blocks='path.to.layers'")
-    return blocks
 
 
 def _check_all_inside(pruner: _LayerPruner, blocks: nn.ModuleList) -> None:
