@@ -275,13 +275,19 @@ def _default_out(model_path: str | None, config, root: str = "pruned") -> Path:
     return Path(root) / f"{name}-{config.method}-{pattern}"
 
 
+def _existing_parent(out: Path) -> Path:
+    """The nearest directory above `out` that exists: where its files will be created."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an existing output without --overwrite, and an output location this user cannot write, before any work."""
     if out.exists() and not overwrite:
         raise UserError(f"output directory {out} already exists; pass --overwrite to replace it, or choose another --out")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_parent(out)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {out}: {parent} is not a directory this user may write to; choose another --out")
 
@@ -297,9 +303,7 @@ def _check_disk(out: Path, model, config) -> None:
     dense = count_parameters(model) * weight.element_size()
     pruned = sum(m.weight.numel() for m in find_targets(model, config.targets, config.ignore).values())
     needed = 2 * dense + pruned * (weight.element_size() + 1)
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_parent(out)
     free = shutil.disk_usage(parent).free
     if free < needed:
         raise UserError(f"not enough free disk for {out}: about {needed / 1e9:.2f} GB needed (dense and compressed "
