@@ -50,6 +50,7 @@ def _add_data_options(parser: argparse.ArgumentParser, calibration: bool, evalua
 
 
 def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> None:
+    from sparsetorch.allocate import ALLOCATIONS
     from sparsetorch.oneshot import LAYER_INPUTS, SOLVERS
     from sparsetorch.precision import CALIB_DTYPES
 
@@ -80,7 +81,7 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
                        help="calibration windows per forward; in the model's dtype results do not depend on it "
                             "(default: 4)")
     group.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default: 0.01)")
-    group.add_argument("--allocation", choices=["uniform", "owl", "depth"], default="uniform",
+    group.add_argument("--allocation", choices=list(ALLOCATIONS), default="uniform",
                        help="how sparsity is spread over the decoder blocks, the mean kept at --sparsity: 'uniform' "
                             "(the papers'), 'owl' (more weights kept where Wanda scores have more outliers), "
                             "'depth' (later blocks sparser). Unstructured patterns only. Default: uniform")
