@@ -92,12 +92,12 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _worker(directory: Path, variant: str, config: BenchConfig, out: Path, ids: Path) -> dict:
+def _worker(directory: Path, variant: str, config: BenchConfig, out: Path, ids: dict[str, list[int]]) -> dict:
     job = out.with_suffix(".job.json")
     job.write_text(json.dumps({
         "directory": str(directory), "variant": variant, "prefill_tokens": config.prefill_tokens,
         "decode_tokens": config.decode_tokens, "repeats": config.repeats, "runtime": config.runtime.to_dict(),
-        "decoder": config.decoder, "ids": json.loads(ids.read_text()),
+        "decoder": config.decoder, "ids": ids,
     }))
     done = subprocess.run([sys.executable, "-m", "sparsetorch.evaluate.bench_worker", str(job), str(out)],
                           capture_output=True, text=True)
@@ -140,8 +140,7 @@ def run_bench(directory: str | Path, config: BenchConfig | None = None, progress
     config = config or BenchConfig()
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="sparsetorch-bench-") as scratch:
-        ids = Path(scratch) / "ids.json"  # tokenized here: the workers' peak RSS is the model's run alone
-        ids.write_text(json.dumps(token_ids(directory, config.decoder, config.prefill_tokens)))
+        ids = token_ids(directory, config.decoder, config.prefill_tokens)  # here: workers' peak RSS is the run alone
         for round_ in range(config.rounds):
             for variant in VARIANTS:
                 if progress:
