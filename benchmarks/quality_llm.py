@@ -1,89 +1,240 @@
-"""Quality of one-shot pruning on the bundled SmolLM2-135M, on two held-out texts of different domains.
+"""Quality of one-shot pruning on the bundled SmolLM2-135M: each step stacked, against llm-compressor.
 
-    python benchmarks/quality_llm.py                                   # Wanda and SparseGPT, uniform vs OWL, 70%
-    python benchmarks/quality_llm.py --methods wanda --sparsities 0.5 0.7 --allocations uniform owl depth
+    python benchmarks/quality_llm.py                                   # the full table: 50%, 2:4, 70%
+    python benchmarks/quality_llm.py --patterns 0.7 --methods sparsegpt --resume
 
-Calibration windows come from the Shakespeare plays sparsetorch calibrates on; perplexity is measured on
-the held-out plays (Hamlet, Macbeth, Othello) and on CPython's language reference (`pydoc_data.topics`,
-technical English prose that neither calibration nor any default touches), so a gain cannot be one
-text's. Each run prunes a fresh copy of the model in this process, one at a time.
+For every sparsity, our runs stack one step at a time on each method (method → + allocation →
++ DSnoT refinement → + layer reconstruction → + block reconstruction), and llm-compressor prunes the
+same calibration windows with its Wanda and SparseGPT in its own environment (`llmcompressor_worker.py`).
+Perplexity is measured by the same code for every row on two held-out texts: the held-out plays
+(Hamlet, Macbeth, Othello) and CPython's language reference (`pydoc_data.topics`, technical English
+prose that neither calibration nor any default touches), so a gain cannot be one text's.
+
+Every finished row is kept in benchmarks/_work/quality_rows.jsonl; `--resume` reuses the rows of the
+same protocol, so a long run interrupted midway loses one row at most. Writes a table and a plot
+(perplexity against sparsity, one line per stack) and appends them to RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
+import json
+import subprocess
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from results import machine, publish
+from oneshot_llm import WORK, prepare_data, reference_python
+from results import header, publish
+
+HERE = Path(__file__).parent
+ROWS = WORK / "quality_rows.jsonl"
+STEPS = ("method", "allocation", "refine", "layer", "block")  # what each stack adds, in order
 
 
-def _texts(tokenizer, tokens: int, seqlen: int) -> dict[str, torch.Tensor]:
+@dataclass
+class Row:
+    tool: str
+    method: str
+    pattern: str  # '50%', '2:4', '70%'
+    stack: str  # e.g. 'sparsegpt + owl + dsnot'
+    seconds: float
+    perplexity: dict[str, float]
+    protocol: str
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return self.tool, self.method, self.pattern, self.stack
+
+
+def _label(pattern: str) -> str:
+    return pattern if ":" in pattern else f"{float(pattern):.0%}"
+
+
+def _stacks(method: str, pattern: str, allocation: str) -> list[tuple[str, str, dict]]:
+    """(last step, name, prune options) for each prefix of STEPS; allocation is skipped where N:M fixes it."""
+    options: dict = {"method": method}
+    options.update({"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)})
+    stacks, name = [], method
+    for step in STEPS:
+        if step == "allocation":
+            if ":" in pattern or allocation == "uniform":
+                continue
+            options = {**options, "allocation": allocation}
+            name += f" + {allocation}"
+        elif step == "refine":
+            options = {**options, "refine": "dsnot"}
+            name += " + dsnot"
+        elif step in ("layer", "block"):
+            options = {**options, "reconstruct": step}
+            name = name.replace(" + layer refit", "") + (" + layer refit" if step == "layer" else " + block refit")
+        stacks.append((step, name, dict(options)))
+    return stacks
+
+
+def _texts(tokenizer, split, tokens: int, seqlen: int) -> dict[str, torch.Tensor]:
     from pydoc_data.topics import topics
 
-    from sparsetorch.data import demo_text, evaluation_windows
+    from sparsetorch.data import evaluation_windows
 
-    split = demo_text()
     reference = "\n".join(topics[key] for key in sorted(topics))
     return {"held-out plays": evaluation_windows(tokenizer, split.evaluation, tokens, seqlen),
             "Python reference": evaluation_windows(tokenizer, reference, tokens, seqlen)}
 
 
+def _load_rows(protocol: str) -> dict[tuple, Row]:
+    if not ROWS.exists():
+        return {}
+    rows = [Row(**json.loads(line)) for line in ROWS.read_text().splitlines() if line.strip()]
+    return {row.key: row for row in rows if row.protocol == protocol}
+
+
+def _keep(row: Row) -> None:
+    with open(ROWS, "a") as f:
+        f.write(json.dumps(asdict(row)) + "\n")
+    print(f"{row.tool:14s} {row.pattern:4s} {row.stack:45s} {row.seconds:6.1f} s "
+          + "  ".join(f"{k} {v:.2f}" for k, v in row.perplexity.items()), flush=True)
+
+
+def _theirs(method: str, pattern: str, calibration: Path, ref_python: Path, model_dir: Path) -> tuple[Path, float]:
+    """Prune with llm-compressor in its environment; (its pruned Linear weights, seconds of its oneshot call)."""
+    structure, sparsity = (pattern, 0.5) if ":" in pattern else ("0:0", float(pattern))
+    out = WORK / f"quality-llmc-{method}-{pattern.replace(':', 'of')}.safetensors"
+    log = WORK / f"quality-llmc-{method}-{pattern.replace(':', 'of')}.log"
+    command = [str(ref_python), str(HERE / "llmcompressor_worker.py"), "--model", str(model_dir), "--calibration",
+               str(calibration), "--method", method, "--structure", structure, "--sparsity", str(sparsity),
+               "--out", str(out)]
+    with open(log, "w") as f:
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=f, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"llm-compressor failed; see {log}")
+    return out, json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patterns", nargs="+", default=["0.5", "2:4", "0.7"],
+                        help="sparsities (unstructured) or N:M patterns (default: 0.5 2:4 0.7)")
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
-    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.7])
-    parser.add_argument("--allocations", nargs="+", default=["uniform", "owl"])
+    parser.add_argument("--steps", nargs="*", default=list(STEPS), choices=STEPS,
+                        help="which stacks to run (each includes the steps before it; none: only llm-compressor)")
+    parser.add_argument("--allocation", default="owl", help="the allocation step's rule (default: owl)")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation text (default: 16384)")
+    parser.add_argument("--reference-python", help="llm-compressor environment's python (default: created in _work)")
+    parser.add_argument("--no-reference", action="store_true", help="skip llm-compressor")
+    parser.add_argument("--resume", action="store_true", help="reuse finished rows of the same protocol")
     parser.add_argument("--no-append", action="store_true", help="print the table, do not append to RESULTS.md")
     args = parser.parse_args()
 
+    from safetensors.torch import load_file
+
     import sparsetorch
-    from sparsetorch.data import calibration_windows, demo_text
     from sparsetorch.evaluate.perplexity import perplexity
     from sparsetorch.models import load_model
 
-    started, machine_line = time.time(), machine()
+    started = time.time()
+    protocol = f"samples={args.samples} seqlen={args.seqlen} eval={args.eval_tokens}"
+    done = _load_rows(protocol) if args.resume else {}
+    if not args.resume and ROWS.exists():
+        ROWS.unlink()
+    model_dir, split, calibration, _ = prepare_data(args.samples, args.seqlen, args.eval_tokens, "quality-calib.pt")
+    ref_python = None if args.no_reference else reference_python(args.reference_python)
     model, tokenizer, _ = load_model(None, progress=False)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    windows = calibration_windows(tokenizer, demo_text().calibration, args.samples, args.seqlen, seed=0)
-    texts = _texts(tokenizer, args.eval_tokens, args.seqlen)
-    dense = {name: perplexity(model, ids, progress=False) for name, ids in texts.items()}
-    rows = []
-    for method in args.methods:
-        for sparsity in args.sparsities:
-            for allocation in args.allocations:
-                model.load_state_dict(dense_state)
-                report = sparsetorch.prune(model, windows, method=method, sparsity=sparsity, allocation=allocation,
-                                           progress=False)
-                ppl = {name: perplexity(model, ids, progress=False) for name, ids in texts.items()}
-                rows.append((method, sparsity, allocation, report.seconds, ppl))
-                print(method, sparsity, allocation, f"{report.seconds:.1f} s", ppl, flush=True)
-    names = list(texts)
-    lines = ["| method | sparsity | allocation | " + " | ".join(f"{n} ppl (× dense)" for n in names) + " | prune s |",
-             "|---|---|---|" + "---|" * len(names) + "---|",
-             "| dense | 0% | – | " + " | ".join(f"{dense[n]:.2f}" for n in names) + " | – |"]
-    for method, sparsity, allocation, seconds, ppl in rows:
-        cells = " | ".join(f"{ppl[n]:.2f} ({ppl[n] / dense[n]:.2f}×)" for n in names)
-        lines.append(f"| {method} | {sparsity:.0%} | {allocation} | {cells} | {seconds:.1f} |")
-    section = "\n".join([
-        f"## Quality of one-shot pruning on two texts, SmolLM2-135M-Instruct ({datetime.date.today()})",
-        "",
-        f"Command: `{' '.join(['python', 'benchmarks/quality_llm.py', *sys.argv[1:]])}`  ",
-        f"Machine: {machine_line}  ",
-        f"Data: {args.samples} calibration windows × {args.seqlen} tokens from the calibration plays; perplexity "
-        f"on {args.eval_tokens} tokens of each text, windows of {args.seqlen}; 'dense' layer inputs; "
-        f"total {(time.time() - started) / 60:.0f} min.",
-        "",
-        *lines,
-        "",
-    ])
-    publish([section], append=not args.no_append)
+    windows = torch.load(calibration)
+    texts = _texts(tokenizer, split, args.eval_tokens, args.seqlen)
+
+    def measure() -> dict[str, float]:
+        return {name: perplexity(model, ids, progress=False) for name, ids in texts.items()}
+
+    def run(tool: str, method: str, pattern: str, stack: str, prune) -> Row:
+        key = (tool, method, _label(pattern), stack)
+        if key in done:
+            return done[key]
+        model.load_state_dict(dense_state)
+        seconds = prune()
+        row = Row(tool, method, _label(pattern), stack, seconds, measure(), protocol)
+        _keep(row)
+        return row
+
+    rows = [run("–", "dense", "0", "dense", lambda: 0.0)]
+    for pattern in args.patterns:
+        for method in args.methods:
+            if ref_python is not None:
+                def theirs(method=method, pattern=pattern) -> float:
+                    weights, seconds = _theirs(method, pattern, calibration, ref_python, model_dir)
+                    model.load_state_dict(load_file(weights), strict=False)
+                    return seconds
+                rows.append(run("llm-compressor", method, pattern, method, theirs))
+            for step, stack, options in _stacks(method, pattern, args.allocation):
+                if step not in args.steps:
+                    continue
+
+                def ours(options=options) -> float:
+                    return sparsetorch.prune(model, windows, progress=False, **options).seconds
+                rows.append(run("sparsetorch", method, pattern, stack, ours))
+    minutes = (time.time() - started) / 60
+    plot = HERE / "quality_llm.png"
+    _plot(rows, plot)
+    publish([*header("Quality of one-shot pruning, each step stacked, SmolLM2-135M-Instruct", "quality_llm.py"),
+             f"Data: {args.samples} calibration windows × {args.seqlen} tokens from the calibration plays (the same "
+             f"windows for both tools); perplexity on {args.eval_tokens} tokens of each text, windows of "
+             f"{args.seqlen}; 'dense' layer inputs; seconds are the pruning call only (llm-compressor: its "
+             f"`oneshot` call); total {minutes:.0f} min. Plot: `benchmarks/{plot.name}`.", "",
+             *_table(rows), ""], append=not args.no_append)
+
+
+def _table(rows: list[Row]) -> list[str]:
+    dense = rows[0].perplexity
+    names = list(dense)
+    reference = {row.pattern: row for row in rows if row.tool == "llm-compressor" and row.method == "sparsegpt"}
+    lines = ["| tool | sparsity | stack | " + " | ".join(f"{n} ppl (× dense)" for n in names)
+             + " | vs llm-compressor SparseGPT, per text | prune s | time vs its SparseGPT |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|---|",
+             "| – | 0% | dense | " + " | ".join(f"{dense[n]:.2f}" for n in names) + " | – | – | – |"]
+    for row in rows[1:]:
+        cells = " | ".join(f"{row.perplexity[n]:.2f} ({row.perplexity[n] / dense[n]:.2f}×)" for n in names)
+        ref = reference.get(row.pattern)
+        vs = "–" if ref is None else " / ".join(f"{row.perplexity[n] / ref.perplexity[n]:.2f}×" for n in names)
+        time_vs = "–" if ref is None else f"{row.seconds / ref.seconds:.2f}×"
+        lines.append(f"| {row.tool} | {row.pattern} | {row.stack} | {cells} | {vs} | {row.seconds:.1f} | {time_vs} |")
+    return lines
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    """Perplexity (log) against sparsity, one line per stack and tool; 2:4 as its own marker at 50%."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = rows[0].perplexity
+    fig, axes = plt.subplots(1, len(dense), figsize=(7 * len(dense), 5))
+    for ax, text in zip(axes, dense):
+        lines: dict[str, list[Row]] = {}
+        for row in rows[1:]:
+            lines.setdefault(f"{row.tool}: {row.stack}", []).append(row)
+        for label, members in lines.items():
+            unstructured = sorted((r for r in members if "%" in r.pattern), key=lambda r: r.pattern)
+            style = "--" if label.startswith("llm-compressor") else "-"
+            drawn = ax.plot([float(r.pattern[:-1]) / 100 for r in unstructured],
+                            [r.perplexity[text] for r in unstructured], style, marker="o", label=label)
+            for r in members:
+                if ":" in r.pattern:
+                    ax.plot([0.5], [r.perplexity[text]], marker="s", color=drawn[0].get_color(), linestyle="none")
+        ax.axhline(dense[text], color="black", linewidth=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity (circles unstructured, squares 2:4)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(text)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

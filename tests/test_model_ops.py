@@ -314,3 +314,37 @@ def test_bf16_models_and_other_families_prune_through_the_pytorch_code(no_kernel
     torch.testing.assert_close(ours(ids), expected, rtol=0, atol=0.05 * expected.abs().max().item())
     report = sparsetorch.prune(model, ids, method="wanda", pattern="2:4", progress=False)
     assert len(report.masks) == 7 and all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@needs_attention
+def test_a_block_takes_the_pytorch_code_where_gradients_flow_and_they_equal_the_fallbacks(kernel_runs, monkeypatch):
+    ours = LeanLlama.sharing(tiny_llama(layers=1))
+    block = ours.model.layers[0]
+    x = torch.randn(2, 24, 64)
+    cos, sin = ours.positions(0, 24, x)
+    linears = {m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)}
+
+    def gradients(trained):  # of the input (when trained is None: it and every parameter) or of `trained` alone
+        block.zero_grad()
+        for p in block.parameters():
+            p.requires_grad_(trained is None or p in trained)
+        inputs = x.clone().requires_grad_(trained is None)
+        block(inputs, cos, sin).square().sum().backward()
+        wanted = [inputs, *block.parameters()] if trained is None else list(trained)
+        return [t.grad.clone() for t in wanted]
+
+    with torch.no_grad():  # no gradient wanted: the kernels run
+        block(x, cos, sin)
+    assert all(kernel_runs[name] for name in OP_NAMES)
+    runs = dict(kernel_runs)
+    fast = [gradients(None)]
+    assert kernel_runs == runs  # none ran where gradients flow: they have no backward
+    fast.append(gradients(linears))  # the pruner's case: only the linear weights train
+    runs["rms_norm"] += 1  # the block's first norm, which no gradient passes, still may take its kernel
+    assert kernel_runs == runs
+    assert all(g.abs().sum() > 0 for grads in fast for g in grads)
+    _fallback(monkeypatch)
+    plain = [gradients(None), gradients(linears)]
+    for got, expected, tolerance in zip(fast, plain, (0, 1e-5), strict=True):  # the kernel norm: to float rounding
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=tolerance * float(e.abs().max()))

@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "PruneReport": "sparsetorch.oneshot",
     "prune": "sparsetorch.oneshot",
     "Sparsifier": "sparsetorch.training",
+    "recover": "sparsetorch.training",
 }
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "__version__",
     "parse_pattern",
     "prune",
+    "recover",
 ]
 
 

@@ -21,6 +21,7 @@ __all__ = ["main"]
 EXAMPLES = """examples:
   sparsetorch prune --method sparsegpt --pattern 2:4 --out smollm2-24
   sparsetorch prune ./my-llama --method wanda --sparsity 0.6 --out my-llama-60
+  sparsetorch recover smollm2-24 --steps 200 --out smollm2-24-rec   # distill from the dense model
   sparsetorch eval smollm2-24 --compare
   sparsetorch eval smollm2-24 --sparse-runtime
   sparsetorch bench smollm2-24
@@ -90,6 +91,14 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
     group.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's λ: block sparsities span target ± λ "
                        "(default: 0.08)")
     group.add_argument("--depth-step", type=float, default=0.01, help="'depth': sparsity added per block (default: 0.01)")
+    group.add_argument("--refine", choices=["dsnot"], default=None,
+                       help="after the method chose each layer's mask: 'dsnot' swaps kept and pruned weights within "
+                            "each row (or N:M group) where that lowers the layer's expected output error, never "
+                            "raising its calibration error (DSnoT). Default: none")
+    group.add_argument("--reconstruct", choices=["layer", "block"], default=None,
+                       help="after masking: 'layer' refits each layer's kept weights to the dense layer's outputs "
+                            "on the calibration inputs (least squares on each row's support); 'block' also trains "
+                            "each block's kept weights a few steps to match the dense block's output. Default: none")
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, help="output directory (default: pruned/<model>-<method>-<pattern>)")
     out.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -140,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(prune, calibration=True, evaluation=False)
     prune.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    _add_recover(sub)
+
     evaluate = sub.add_parser("eval", help="perplexity on held-out text",
                               description="Perplexity on fixed non-overlapping windows of held-out text.")
     evaluate.add_argument("model", nargs="?", help="model directory (default: the bundled model)")
@@ -187,6 +198,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_recover(sub) -> None:
+    from sparsetorch.training.recover import AUTOCAST, RecoverConfig
+
+    default = RecoverConfig(steps=1)
+    recover = sub.add_parser("recover", help="recover a pruned model's quality by distillation from the dense model",
+                             description="Train a directory written by `sparsetorch prune` towards its dense teacher "
+                                         "(KL on the logits plus per-block normalized MSE, Kurtic et al. 2023), every "
+                                         "pruned weight kept at zero; report held-out perplexity before and after, "
+                                         "and write the same kind of pruned directory.")
+    recover.add_argument("model", help="a directory written by `sparsetorch prune`")
+    recover.add_argument("--teacher", help="the dense model directory (default: the source model its sparsity.json records)")
+    recover.add_argument("--text", type=Path, help="a UTF-8 text file to train on, cut into --seqlen windows "
+                         "(default: the bundled calibration text; never the evaluation plays)")
+    recover.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    train = recover.add_argument_group("training")
+    train.add_argument("--lr", type=float, default=default.lr, help=f"peak AdamW learning rate (default: {default.lr:g})")
+    train.add_argument("--warmup", type=int, default=default.warmup,
+                       help=f"linear warmup steps before the cosine decay (default: {default.warmup})")
+    train.add_argument("--batch-size", type=int, default=default.batch_size,
+                       help=f"windows per forward (default: {default.batch_size})")
+    train.add_argument("--accumulation", type=int, default=default.accumulation,
+                       help=f"forwards per optimizer step (default: {default.accumulation})")
+    train.add_argument("--kl-weight", type=float, default=default.kl_weight,
+                       help=f"weight of KL(teacher || student) on the logits (default: {default.kl_weight:g})")
+    train.add_argument("--feature-weight", type=float, default=default.feature_weight,
+                       help=f"weight of the per-block normalized MSE (default: {default.feature_weight:g})")
+    train.add_argument("--lm-weight", type=float, default=default.lm_weight,
+                       help=f"weight of the next-token loss on the text (default: {default.lm_weight:g})")
+    train.add_argument("--temperature", type=float, default=default.temperature,
+                       help=f"softmax temperature of the KL term (default: {default.temperature:g})")
+    train.add_argument("--autocast", choices=list(AUTOCAST), default=default.autocast,
+                       help="bf16 autocast: 'auto' where the CPU multiplies bf16 natively (default: auto)")
+    train.add_argument("--seed", type=int, default=default.seed, help="seed of the window order (default: 0)")
+    _add_data_options(recover, calibration=False, evaluation=True)
+    out = recover.add_argument_group("output")
+    out.add_argument("--out", type=Path, required=True, help="output directory")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace --out if it exists, and discard an interrupted run's checkpoint (<out>.resume)")
+    out.add_argument("--checkpoint-every", type=int, default=100,
+                     help="save progress to <out>.resume every K steps; 0: never (default: 100)")
+    out.add_argument("--resume", action="store_true", help="continue the interrupted run saved in <out>.resume")
+    recover.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_train_demo(sub) -> None:
     from sparsetorch.training.recipes import RECIPES
 
@@ -217,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsetorch.formats.lock import OutputBusyError
 
     handlers = {"prune": _cmd_prune, "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export,
-                "bench": _cmd_bench, "demo": _cmd_demo, "train-demo": _cmd_train_demo}
+                "bench": _cmd_bench, "demo": _cmd_demo, "train-demo": _cmd_train_demo, "recover": _cmd_recover}
     if getattr(args, "quiet", False):
         _silence_transformers()
     try:
@@ -229,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         kept = getattr(args, "resume_dir", None)
         where = f" (its finished blocks are kept in {kept}; the same command resumes from there)" if kept else ""
+        if args.command == "recover":
+            where = f" (its last checkpoint is kept in {kept}; add --resume to continue)" if kept and kept.exists() else ""
         print(f"sparsetorch {args.command}: interrupted; nothing was written to the output{where}", file=sys.stderr)
         return 130
 
@@ -265,6 +322,8 @@ def _config_from_args(args):
         owl_m=args.owl_m,
         owl_lambda=args.owl_lambda,
         depth_step=args.depth_step,
+        refine=args.refine,
+        reconstruct=args.reconstruct,
     )
 
 
@@ -412,6 +471,123 @@ def _prune_into(args, config, out: Path) -> int:
           f"({compressed / dense:.2f}x of dense, codec {args.codec})")
     print(f"saved to {out}")
     return 0
+
+
+def _cmd_recover(args) -> int:
+    from sparsetorch.formats.lock import output_lock
+    from sparsetorch.training.recover import RecoverConfig
+
+    config = RecoverConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, accumulation=args.accumulation,
+                           warmup=args.warmup, kl_weight=args.kl_weight, feature_weight=args.feature_weight,
+                           lm_weight=args.lm_weight, temperature=args.temperature, autocast=args.autocast,
+                           seed=args.seed)
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be a number of steps >= 0 (0: never), got {args.checkpoint_every}")
+    _check_out(args.out, args.overwrite)
+    with output_lock(args.out):
+        return _recover_into(args, config, args.out)
+
+
+def _recover_checkpoint(args, out: Path) -> Path:
+    """<out>.resume: continued with --resume, discarded with --overwrite, otherwise never silently replaced."""
+    directory = Path(f"{out}.resume")
+    if directory.exists() and not args.resume:
+        if not args.overwrite:
+            raise UserError(f"{directory} holds an interrupted recovery run; pass --resume to continue it, or "
+                            "--overwrite to discard it and start afresh")
+        shutil.rmtree(directory)
+    elif args.resume and not directory.exists():
+        print(f"no checkpoint in {directory}: starting afresh")
+    return directory
+
+
+def _teacher_path(args, record: dict) -> str:
+    if args.teacher is not None:
+        return args.teacher
+    source = record.get("source_model")
+    if source is None:
+        raise UserError(f"{args.model}/sparsity.json records no source model; pass the dense model with --teacher DIR")
+    if not Path(source).is_dir():
+        raise UserError(f"the source model recorded in {args.model}/sparsity.json, {source}, does not exist; pass the "
+                        "dense model with --teacher DIR")
+    return source
+
+
+def _training_windows(args, tokenizer):
+    """Consecutive --seqlen windows of the training text: the bundled calibration plays by default."""
+    import torch
+
+    from sparsetorch.data import demo_text
+
+    text, source = _read_text(args.text), str(args.text)
+    if text is None:
+        split = demo_text()
+        text, source = split.calibration, f"{split.source}: {len(split.calibration_parts)} calibration texts"
+    if args.seqlen < 2:
+        raise UserError(f"--seqlen must be at least 2, got {args.seqlen}")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    count = ids.numel() // args.seqlen
+    if count < args.batch_size:
+        raise UserError(f"training text is too short: {ids.numel()} tokens make {count} windows of {args.seqlen}, "
+                        f"fewer than --batch-size {args.batch_size}; use a longer --text or a smaller --seqlen")
+    return ids[: count * args.seqlen].reshape(count, args.seqlen), source
+
+
+def _recover_into(args, config, out: Path) -> int:
+    """`sparsetorch recover` once this process holds the output's lock."""
+    from sparsetorch.evaluate.perplexity import perplexity
+    from sparsetorch.formats.pruned import read_sparsity, verify_dense
+    from sparsetorch.models import load_model
+    from sparsetorch.training.recover import check_teacher, recover
+
+    _check_out(out, args.overwrite)  # again under the lock
+    record = read_sparsity(args.model)
+    verify_dense(args.model)
+    teacher_path = _teacher_path(args, record)
+    student, tokenizer, _ = load_model(args.model, progress=not args.quiet)
+    teacher, _, _ = load_model(teacher_path, progress=not args.quiet)
+    try:
+        check_teacher(student, teacher)
+    except ValueError as err:
+        raise UserError(f"{teacher_path} cannot teach {args.model}: {err}") from None
+    windows, text_source = _training_windows(args, tokenizer)
+    directory = _recover_checkpoint(args, out)
+    checkpoint = directory if args.checkpoint_every or directory.exists() else None
+    eval_windows, eval_source = _eval_windows(args, tokenizer)
+    ppl = {"teacher": perplexity(teacher, eval_windows, progress=not args.quiet),
+           "before": perplexity(student, eval_windows, progress=not args.quiet)}
+    args.resume_dir = checkpoint
+    report = recover(student, teacher, windows, config, checkpoint=checkpoint,
+                     checkpoint_every=args.checkpoint_every or config.steps + 1, progress=not args.quiet)
+    ppl["after"] = perplexity(student, eval_windows, progress=not args.quiet)
+    print(f"recovered {report.steps} steps in {report.seconds:.1f} s ({report.tokens_per_second:.0f} tokens/s); "
+          f"loss {report.losses[0]:.4f} -> {report.losses[-1]:.4f}")
+    print(f"perplexity  dense teacher    {ppl['teacher']:9.3f}  ({teacher_path})")
+    print(f"perplexity  before recovery  {ppl['before']:9.3f}")
+    print(f"perplexity  after recovery   {ppl['after']:9.3f}  ({eval_windows.numel()} tokens of {eval_source})")
+    recovery = {"teacher": str(teacher_path), "student": str(args.model), "text": text_source,
+                "windows": list(windows.shape), "perplexity": {**{k: round(v, 4) for k, v in ppl.items()},
+                                                               "text": eval_source, "tokens": eval_windows.numel()}}
+    _save_recovered(args, out, student, tokenizer, record, recovery, report)
+    if checkpoint is not None and checkpoint.exists():
+        shutil.rmtree(checkpoint)
+    print(f"saved to {out}")
+    return 0
+
+
+def _save_recovered(args, out: Path, student, tokenizer, record: dict, recovery: dict, report) -> None:
+    """The input's sparsity.json with a 'recovery' record (an earlier one nested as 'previous'), in the
+    same directory format and codec as `sparsetorch prune` wrote it."""
+    from sparsetorch.formats.pruned import save_pruned
+
+    summary = {key: value for key, value in report.to_dict().items() if key not in ("losses", "parts")}
+    recovery = {**recovery, **summary, "loss": {"first": report.losses[0], "last": report.losses[-1]}}
+    if "recovery" in record:
+        recovery["previous"] = record["recovery"]
+    kept = {key: value for key, value in record.items() if key not in ("source_model", "calibration", "files")}
+    save_pruned(student, out, {**kept, "recovery": recovery}, tokenizer=tokenizer,
+                calibration=record.get("calibration"), source=record.get("source_model"),
+                codec=record.get("files", {}).get("codec", "zstd"), overwrite=args.overwrite)
 
 
 def _cmd_eval(args) -> int:

@@ -7,9 +7,9 @@ of `models/csrc` do each step in one pass, and attention over only the visible k
 same arithmetic to float32 rounding (tested against the PyTorch code below and against
 transformers' models).
 
-Each function takes the C++ op for contiguous float32 CPU tensors outside autocast, and
-otherwise (other dtypes and devices, bf16 autocast, no compiler) runs the PyTorch code, so
-callers never branch.
+Each function takes the C++ op for contiguous float32 CPU tensors outside autocast and autograd,
+and otherwise (other dtypes and devices, bf16 autocast, no compiler, or gradients that must flow
+through it: the C++ ops have no backward) runs the PyTorch code, so callers never branch.
 """
 
 from __future__ import annotations
@@ -49,8 +49,13 @@ def attention_op():
     return ops.causal_attention
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records this call: then only the PyTorch code, which has a backward, may run."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _contiguous_fp32(*tensors: Tensor) -> bool:
-    return plain_fp32_cpu(*tensors) and all(t.is_contiguous() for t in tensors)
+    return plain_fp32_cpu(*tensors) and all(t.is_contiguous() for t in tensors) and not _needs_grad(*tensors)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -83,6 +88,7 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
         and cos.shape[0] in (1, q.shape[0])
         and q.stride(-1) == k.stride(-1) == cos.stride(-1) == 1
         and plain_fp32_cpu(q, k, cos, sin)
+        and not _needs_grad(q, k, cos, sin)
         and compiled_ops() is not None
     ):
         return compiled_ops().rotary(q, k, cos, sin)
@@ -93,7 +99,12 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """softmax(q kᵀ · scale) v under a causal mask, q (B, H, T, D), k and v (B, KV, T, D) with KV
     dividing H (grouped-query heads share theirs). Returns (B, T, H, D), the output projection's layout."""
-    if q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and plain_fp32_cpu(q, k, v) and attention_op() is not None:
+    if (
+        q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        and plain_fp32_cpu(q, k, v)
+        and not _needs_grad(q, k, v)
+        and attention_op() is not None
+    ):
         return attention_op()(q, k, v, scale)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from sparsetorch.allocate import ALLOCATIONS, check_spread
 from sparsetorch.oneshot.calibrate import LAYER_INPUTS
 from sparsetorch.oneshot.solvers import SolverOptions, get_solver
-from sparsetorch.patterns import Pattern, parse_pattern
+from sparsetorch.oneshot.stats import Gram, Statistic
+from sparsetorch.patterns import Block, Pattern, parse_pattern
 from sparsetorch.precision import CALIB_DTYPES
 
 __all__ = ["DEFAULT_PATTERNS", "PruneConfig"]
@@ -15,6 +16,8 @@ __all__ = ["DEFAULT_PATTERNS", "PruneConfig"]
 # Wanda compares weights within each output row (its paper's finding for LLMs).
 DEFAULT_PATTERNS: dict[str, str] = {"wanda": "unstructured-row"}
 DEFAULT_SPARSITY = 0.5
+REFINES = (None, "dsnot")
+RECONSTRUCTS = (None, "layer", "block")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,14 @@ class PruneConfig:
             blocks with more outliers: `owl_m`, `owl_lambda` as the OWL paper's M and λ), 'depth'
             (later blocks sparser, `depth_step` apart). Unstructured and block patterns only.
         layer_sparsity: explicit sparsities for named layers, over whatever the allocation gives.
+        refine: None (default) or 'dsnot': after the method chose a layer's mask, DSnoT swaps kept
+            and pruned weights within each row (or N:M group) where that lowers the layer's
+            expected output error (`oneshot/refine.py`), never raising its calibration error.
+        reconstruct: None (default), 'layer' or 'block': after masking, 'layer' refits each layer's
+            kept weights to the dense layer's outputs on the calibration inputs (least squares on
+            each row's support, `oneshot/reconstruct.py`); 'block' does that and then trains each
+            block's kept weights a few steps so the block's output matches the dense block's.
+            Both gather the Gram matrix XᵀX, as SparseGPT does, whatever the method.
 
     Example:
         >>> PruneConfig(method="sparsegpt", pattern="2:4").sparsity
@@ -76,6 +87,8 @@ class PruneConfig:
     owl_lambda: float = 0.08
     depth_step: float = 0.01
     layer_sparsity: dict[str, float] | None = None
+    refine: str | None = None
+    reconstruct: str | None = None
 
     def __post_init__(self) -> None:
         get_solver(self.method)
@@ -104,6 +117,12 @@ class PruneConfig:
         if not self.dampening > 0:
             raise ValueError(f"dampening must be > 0, got {self.dampening}")
         self._check_allocation(pattern)
+        if self.refine not in REFINES:
+            raise ValueError(f"refine must be one of {list(REFINES)}, got {self.refine!r}")
+        if self.reconstruct not in RECONSTRUCTS:
+            raise ValueError(f"reconstruct must be one of {list(RECONSTRUCTS)}, got {self.reconstruct!r}")
+        if self.refine == "dsnot" and isinstance(pattern, Block):
+            raise ValueError(f"refine='dsnot' swaps single weights; pattern {pattern.spec} prunes whole blocks")
 
     def _check_allocation(self, pattern: Pattern) -> None:
         if self.allocation not in ALLOCATIONS:
@@ -124,6 +143,19 @@ class PruneConfig:
     @property
     def pattern_obj(self) -> Pattern:
         return parse_pattern(self.pattern)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the run needs calibration data: the method's own statistic, or a step after it."""
+        return self.statistic is not None
+
+    @property
+    def statistic(self) -> type[Statistic] | None:
+        """What each layer's input is summarized as: the method's own statistic, or the Gram matrix
+        when refinement or reconstruction reads the layer's output error (it holds Wanda's norms too)."""
+        if self.refine is not None or self.reconstruct is not None:
+            return Gram
+        return get_solver(self.method).statistic
 
     def solver_options(self) -> SolverOptions:
         return SolverOptions(dampening=self.dampening, block_size=self.block_size, seed=self.seed)

@@ -26,12 +26,14 @@ from sparsetorch.oneshot.calibrate import LAYER_INPUTS, BlockWork
 from sparsetorch.oneshot.capture import BlockBatches, block_batches, calibration_model, model_forward
 from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.outliers import block_outlier_ratios
+from sparsetorch.oneshot.reconstruct import BlockFit, reconstruct_block, refit_layer
+from sparsetorch.oneshot.refine import dsnot
 from sparsetorch.oneshot.report import LayerReport, PruneReport
 from sparsetorch.oneshot.resume import ResumeCheckpoint
 from sparsetorch.oneshot.solvers import get_solver
 from sparsetorch.oneshot.stats import Statistic
 from sparsetorch.precision import calibration_precision, full_precision
-from sparsetorch.targets import find_targets, set_weight_matrix, weight_matrix
+from sparsetorch.targets import find_targets, is_conv1d, set_weight_matrix, weight_matrix
 
 __all__ = ["prune"]
 
@@ -77,7 +79,7 @@ def prune(
     _check_shapes(targets, config)
     started = time.perf_counter()
     with torch.no_grad():
-        if get_solver(config.method).statistic is None:
+        if not config.calibrated:
             pruner = _LayerPruner(config, targets)
             pruner.sparsity = _allocate(config, pruner, find_blocks(model, config.blocks), None)
             for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
@@ -134,13 +136,14 @@ class _LayerPruner:
     def __init__(self, config: PruneConfig, targets: dict[str, nn.Module]) -> None:
         self.config = config
         self.solver = get_solver(config.method)
-        self.statistic: type[Statistic] | None = self.solver.statistic
+        self.statistic: type[Statistic] | None = config.statistic
         self.pattern = config.pattern_obj
         self.names = {module: name for name, module in targets.items()}
         self.index = {module: i for i, module in enumerate(targets.values())}
         self.layers: dict[str, LayerReport] = {}
         self.masks: dict[str, Tensor] = {}
         self.sparsity: dict[str, float] = {name: config.sparsity for name in targets}  # see `_allocate`
+        self.block_fits: dict[int, BlockFit] = {}
 
     def pending(self, within: nn.Module) -> set[nn.Module]:
         return {m for m in within.modules() if m in self.names and self.names[m] not in self.layers}
@@ -153,6 +156,7 @@ class _LayerPruner:
         sparsity = self.sparsity[self.names[modules[0]]]  # layers sharing an input sit in one block
         with full_precision(weights[0].device):  # even inside a caller's autocast context
             results = self.solver.solve(weights, stat, self.pattern, sparsity, options)
+            results = [self._improve(dense, *result, stat) for dense, result in zip(weights, results)]
         seconds = (time.perf_counter() - started) / len(modules)
         for module, weight, (new_weight, keep) in zip(modules, weights, results):
             set_weight_matrix(module, new_weight)
@@ -167,8 +171,26 @@ class _LayerPruner:
                 seconds=seconds,
             )
 
+    def _improve(self, dense: Tensor, weight: Tensor, keep: Tensor, stat: Statistic | None) -> tuple[Tensor, Tensor]:
+        """The steps after the method: refine the mask, then refit the kept weights (see PruneConfig)."""
+        if self.config.refine == "dsnot":
+            weight, keep = dsnot(dense.float(), weight.float(), keep, stat, self.pattern)
+        if self.config.reconstruct is not None:
+            weight = refit_layer(dense.float(), weight.float(), keep, stat.value, dampening=self.config.dampening)
+        return weight, keep
+
+    def block_masks(self, block: nn.Module) -> dict[nn.Module, Tensor]:
+        """The keep mask of each pruned layer of `block`, shaped like its `weight`."""
+        masks = {}
+        for module in block.modules():
+            keep = self.masks.get(self.names.get(module))
+            if keep is not None:
+                masks[module] = keep.t() if is_conv1d(module) else keep
+        return masks
+
     def report(self, seconds: float) -> PruneReport:
-        return PruneReport(config=self.config, layers=self.layers, masks=self.masks, seconds=seconds)
+        return PruneReport(config=self.config, layers=self.layers, masks=self.masks, seconds=seconds,
+                           blocks=self.block_fits)
 
 
 # ---- calibration-driven pruning -------------------------------------------------------
@@ -197,14 +219,23 @@ def _prune_with_calibration(
     hidden = batches.hidden if saved is None else saved
     bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress,
                mininterval=0)  # every block shows: there are few, and each is a moment an interrupt may come
+    fit_blocks = config.reconstruct == "block"
     for index in range(start, len(blocks)):
         block = blocks[index]
         pending = pruner.pending(block)
         names = [pruner.names[m] for m in pending]
-        work = BlockWork(pending, batches.forwards(block, hidden), pruner, want_outputs=index < len(blocks) - 1,
-                         precision=precision, layout={m: name for name, m in block.named_modules() if m in pending})
+        forwards = batches.forwards(block, hidden)
+        targets = [forward() for forward in forwards] if fit_blocks else None  # the dense block's outputs
+        wanted = index < len(blocks) - 1
+        work = BlockWork(pending, forwards, pruner, want_outputs=wanted and not fit_blocks, precision=precision,
+                         layout={m: name for name, m in block.named_modules() if m in pending})
         hidden = strategy(work)
         _check_all_pruned(pruner, work.pending)
+        if fit_blocks:
+            hidden = [] if wanted else None  # filled with the fitted block's outputs
+            with torch.enable_grad():
+                pruner.block_fits[index] = reconstruct_block(block, pruner.block_masks(block), forwards, targets,
+                                                             outputs=hidden)
         if checkpoint is not None:
             checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
         bar.update()
@@ -250,6 +281,9 @@ def _prune_whole_model(model: nn.Module, chunks: list[Tensor], config: PruneConf
             "blocks='path.to.layers' (CLI --blocks) naming its ModuleList of decoder blocks, or "
             "targets=[...] (CLI --targets 're:.*mlp.*') to prune chosen layers in one whole-model pass"
         )
+    if config.reconstruct == "block":
+        raise ValueError("reconstruct='block' fits each decoder block, and sparsetorch knows none for this model: "
+                         "pass blocks='path.to.layers', or use reconstruct='layer'")
     pruner.sparsity = _allocate(config, pruner, None, None)
     work = BlockWork(pruner.pending(model), [model_forward(model, chunk) for chunk in chunks], pruner,
                      want_outputs=False, precision=precision)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from torch import Tensor
 
@@ -45,6 +45,7 @@ class PruneReport:
     layers: dict[str, LayerReport]
     masks: dict[str, Tensor] = field(repr=False)
     seconds: float
+    blocks: dict = field(default_factory=dict)  # block index -> its reconstruction (reconstruct='block')
 
     @property
     def sparsity(self) -> float:
@@ -61,4 +62,9 @@ class PruneReport:
             "config": self.config.to_dict(),
             "seconds": round(self.seconds, 3),
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+            **({"blocks": {str(i): _rounded(asdict(fit)) for i, fit in self.blocks.items()}} if self.blocks else {}),
         }
+
+
+def _rounded(record: dict) -> dict:
+    return {key: round(value, 6) if isinstance(value, float) else value for key, value in record.items()}

@@ -97,7 +97,7 @@ def _random(weights: list[Tensor], stat: Statistic | None, pattern: Pattern, spa
 
 @register_solver("wanda", InputSqNorms, "keep the largest |W| * ||X||; one pass, no weight update")
 def _wanda(weights: list[Tensor], stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
-    norms = stat.input_sq_norms() if isinstance(stat, Gram) else stat.value
+    norms = stat.input_sq_norms()
     return _masked(weights, [wanda_scores(w, norms) for w in weights], pattern, sparsity)
 
 

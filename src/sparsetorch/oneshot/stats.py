@@ -2,7 +2,9 @@
 
 Solvers never see activations, only these small accumulators (the split that
 SparseGPT's `add_batch` / `fasterprune` made popular): Wanda needs the squared norm
-of every input column, SparseGPT the Gram matrix X^T X.
+of every input column, SparseGPT the Gram matrix X^T X. Every statistic also keeps
+the column sums, so any of them answers `input_means()` and `input_sq_norms()`: with
+`tokens` those give each input's mean and variance (DSnoT's refinement reads both).
 """
 
 from __future__ import annotations
@@ -23,21 +25,46 @@ def _rows(x: Tensor) -> Tensor:
 
 
 class Statistic:
-    """Base accumulator: `add_batch(x)` for each calibration batch, then read the value."""
+    """Base accumulator: `add_batch(x)` for each calibration batch, then read the value.
+
+    Besides its own value, every statistic sums each input column (float64, one cheap
+    reduction per batch), so the per-column mean is there whichever statistic a method
+    collected.
+    """
 
     def __init__(self, columns: int) -> None:
         self.columns = columns
         self.tokens = 0
+        self.sums = torch.zeros(columns, dtype=torch.float64)
 
     def add_batch(self, x: Tensor) -> None:
         rows = _rows(x)
         if rows.shape[1] != self.columns:
             raise ValueError(f"expected inputs with {self.columns} features, got {rows.shape[1]}")
         self.tokens += rows.shape[0]
+        self.sums += rows.sum(dim=0).double()  # float32 pairwise sum per batch, float64 across
         self._add(rows)
 
     def _add(self, rows: Tensor) -> None:
         raise NotImplementedError
+
+    def input_means(self) -> Tensor:
+        """Mean of every input column over all tokens, (in,) float64.
+
+        Raises:
+            ValueError: no batch was added yet, so there is no mean.
+
+        Example:
+            >>> stat.input_means()  # after stat.add_batch(torch.tensor([[1., 2.], [3., 0.]]))
+            tensor([2., 1.], dtype=torch.float64)
+        """
+        if self.tokens == 0:
+            raise ValueError(f"{type(self).__name__} has seen no tokens: call add_batch(x) before reading means")
+        return self.sums / self.tokens
+
+    def input_sq_norms(self) -> Tensor:
+        """Sum over tokens of x_j^2 for every input column j, (in,) float64: Wanda's ||X_j||_2^2."""
+        raise NotImplementedError(f"{type(self).__name__} must implement input_sq_norms()")
 
 
 class InputSqNorms(Statistic):
@@ -49,6 +76,10 @@ class InputSqNorms(Statistic):
 
     def _add(self, rows: Tensor) -> None:
         self.value += rows.square().sum(dim=0).double()  # float32 pairwise sum per batch
+
+    def input_sq_norms(self) -> Tensor:
+        """The accumulated value itself."""
+        return self.value
 
 
 class Gram(Statistic):

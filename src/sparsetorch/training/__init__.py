@@ -7,12 +7,14 @@
 Methods are configs (schedules) with a registered handler each: OneShot (magnitude or
 random static masks), Gradual (cubic GMP), Iterative (IMP with rewinding), SET, RigL,
 SRigL, SRSTE and ProgressiveNM (N:M from scratch). `average` makes sparse model soups.
+`recover` trains a one-shot-pruned LLM back towards its dense model, masks fixed.
 """
 
 from sparsetorch.training.distributions import DISTRIBUTIONS, layer_sparsities, register_distribution
 from sparsetorch.training.dynamic import SET, DynamicSchedule, RigL
 from sparsetorch.training.method import METHODS, Layer, MaskUpdate, Method, Schedule, register_method, schedule_from_dict
 from sparsetorch.training.nm import SRSTE, ProgressiveNM
+from sparsetorch.training.recover import RecoverConfig, RecoverReport, recover
 from sparsetorch.training.schedules import Gradual, Iterative, OneShot
 from sparsetorch.training.soups import average, shared_masks
 from sparsetorch.training.sparsifier import Sparsifier
@@ -31,12 +33,15 @@ __all__ = [
     "Method",
     "OneShot",
     "ProgressiveNM",
+    "RecoverConfig",
+    "RecoverReport",
     "RigL",
     "SRigL",
     "Schedule",
     "Sparsifier",
     "average",
     "layer_sparsities",
+    "recover",
     "register_distribution",
     "register_method",
     "schedule_from_dict",

@@ -48,6 +48,25 @@ def is_sparse_trainable(module: nn.Module) -> bool:
     return is_prunable(module) or isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
+def _given_masks(modules: dict[str, nn.Module], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The caller's keep-mask of every target layer, in target order, checked against its weight."""
+    missing = [name for name in modules if name not in masks]
+    if missing:
+        raise ValueError(f"masks has no entry for target layers {missing[:4]}; give a keep-mask for every target "
+                         "layer, or leave the layer out with ignore=[...]")
+    given = {}
+    for name, module in modules.items():
+        mask = masks[name]
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a boolean tensor (True = keep), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != module.weight.shape:
+            raise ValueError(f"masks[{name!r}] has shape {tuple(mask.shape)}, but the layer's weight is "
+                             f"{tuple(module.weight.shape)}")
+        given[name] = mask.to(module.weight.device)
+    return given
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -68,11 +87,17 @@ class Sparsifier:
             training, to zero the state of pruned and regrown weights.
         seed: seeds the generator behind random masks and SET's regrowth; give every
             rank the same seed.
+        masks: {layer name: boolean keep-mask} to start from instead of the schedule's own
+            first masks, e.g. `{name: module.weight != 0}` to keep exactly the zeros of a
+            model pruned one-shot (with `OneShot()` they then stay fixed). Every target
+            layer needs one; where neither the schedule nor the distribution sets a
+            sparsity, each layer's final sparsity is its mask's.
 
     Raises:
-        ValueError: a bad sparsity, pattern, distribution or target set, or a method that
-            changes masks without an optimizer.
-        TypeError: `schedule` is not a method config.
+        ValueError: a bad sparsity, pattern, distribution or target set, a method that
+            changes masks without an optimizer, or `masks` that miss a target layer or
+            do not fit its weight.
+        TypeError: `schedule` is not a method config, or a mask is not boolean.
 
     Example:
         >>> sparsifier = Sparsifier(model, Gradual(sparsity=0.9, start=100, end=1000), optimizer=opt)
@@ -89,13 +114,15 @@ class Sparsifier:
         ignore: Sequence[str] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
+        masks: Mapping[str, Tensor] | None = None,
     ) -> None:
         handler = method_for(schedule)
         self.model, self.schedule, self.optimizer = model, schedule, optimizer
         self.pattern = parse_pattern(handler.default_pattern if pattern is None else pattern)
         handler.check_pattern(self.pattern)
         modules = find_targets(model, DEFAULT_TARGETS if targets is None else targets, ignore, prunable=is_sparse_trainable)
-        finals = self._final_sparsities(modules, distribution)
+        given = None if masks is None else _given_masks(modules, masks)
+        finals = self._final_sparsities(modules, distribution, given)
         self.layers = [Layer(name, module, finals[name]) for name, module in modules.items()]
         self.generator = torch.Generator().manual_seed(seed)
         self.method = handler(schedule, self.layers, self.pattern, self.generator, model)
@@ -103,12 +130,14 @@ class Sparsifier:
         self.step_count = 0
         self._grads: dict[int, Tensor] = {}
         self._handles = [self._attach(index, layer) for index, layer in enumerate(self.layers)]
-        self._apply(self.method.initial_masks())
+        first = self.method.initial_masks()  # even when replaced: a method may set itself up here (IMP's rewind point)
+        self._apply(first if given is None else MaskUpdate(list(given.values())))
         self._collecting = self.method.collects_grads(1)
 
     # ---- setup -------------------------------------------------------------------------
 
-    def _final_sparsities(self, modules: dict[str, nn.Module], distribution: str | Mapping[str, float]) -> dict[str, float]:
+    def _final_sparsities(self, modules: dict[str, nn.Module], distribution: str | Mapping[str, float],
+                          given: dict[str, Tensor] | None = None) -> dict[str, float]:
         shapes = {}
         for name, module in modules.items():
             shape = tuple(Layer(name, module, 0.0).matrix(module.weight).shape)
@@ -117,6 +146,8 @@ class Sparsifier:
             except ValueError as err:
                 raise ValueError(f"layer {name!r}: {err}; leave it out with ignore=[{name!r}]") from None
             shapes[name] = shape
+        if given is not None and self.schedule.sparsity is None and distribution == "uniform":
+            return {name: 1.0 - mask.float().mean().item() for name, mask in given.items()}
         if self.pattern.fixed_sparsity is None:
             return layer_sparsities(distribution, shapes, self.schedule.sparsity)
         if distribution != "uniform":
