@@ -1,6 +1,7 @@
 """End to end on the bundled SmolLM2-135M-Instruct and Shakespeare text (a few windows)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -55,10 +56,13 @@ def test_prune_the_bundled_model_and_load_both_forms(bundled, tmp_path, capsys):
 def test_demo_writes_report_and_prints_the_comparison(bundled, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--method", "wanda", "--calib-samples", "2", "--seqlen", "64", "--eval-tokens", "256",
-                 "--decode-tokens", "4", "--out", str(out), "--quiet"]) == 0
+                 "--decode-tokens", "4", "--recover-steps", "2", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "| dense |" in printed and "| wanda unstructured-row |" in printed and str(out) in printed
-    assert "| wanda unstructured-row + sparse kernels |" in printed and "layers sparse" in printed
+    assert "| dense |" in printed and "| wanda 50%, one-shot |" in printed and str(out) in printed
+    assert "| wanda 50% + 2 recovery steps |" in printed and "layers sparse" in printed
+    assert "| wanda 50% + 2 recovery steps + sparse kernels |" in printed
+    recovery = json.loads((out / "sparsity.json").read_text())["recovery"]
+    assert recovery["steps"] == 2 and set(recovery["perplexity"]) == {"before", "after"}
     for name in ("report.md", "report.png", "sparsity.png", "sparsity.json", "model.safetensors"):
         assert (out / name).exists(), name
     assert "perplexity" in (out / "report.md").read_text()

@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_options(demo, "sparsegpt")
     _add_data_options(demo, calibration=True, evaluation=True)
     demo.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens for the decode-speed test (default: 128)")
+    demo.add_argument("--recover-steps", type=int, default=24,
+                      help="steps of recovery by distillation from the dense model after pruning, 2 calibration "
+                           "windows each; the saved model is the recovered one (0: none; default: 24)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_train_demo(sub)
     return parser
@@ -259,7 +262,13 @@ def _add_train_demo(sub) -> None:
     train.add_argument("--width", type=int, default=128, help="GPT width (default: 128)")
     train.add_argument("--layers", type=int, default=4, help="GPT blocks (default: 4)")
     train.add_argument("--context", type=int, default=64, help="GPT context in characters (default: 64)")
+    train.add_argument("--init", choices=["sparse", "keep"], default="sparse",
+                       help="initialization of methods that start from random masks: 'sparse' rescales each unit's kept "
+                            "weights to its sparse fan-in, 'keep' leaves the dense initialization (default: sparse)")
     train.add_argument("--plot", type=Path, help="save the evaluation curves as a PNG")
+    train.add_argument("--x", choices=["steps", "flops"], default="steps",
+                       help="x axis of --plot: optimizer steps or training FLOPs of the Linear and conv layers "
+                            "(default: steps)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -688,7 +697,8 @@ def _cmd_demo(args) -> int:
     from sparsetorch.evaluate.demo import DemoOptions, run_demo
 
     options = DemoOptions(calib_samples=args.calib_samples, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
-                          decode_tokens=args.decode_tokens, seed=args.seed, codec=args.codec,
+                          decode_tokens=args.decode_tokens, seed=args.seed, recover_steps=args.recover_steps,
+                          codec=args.codec,
                           overwrite=args.overwrite, quiet=args.quiet)
     config = _config_from_args(args)
     out = args.out or _default_out(None, config, root="demo-out")
@@ -704,12 +714,13 @@ def _cmd_train_demo(args) -> int:
 
     shape = GPTShape(width=args.width, layers=args.layers, context=args.context)
     results = train_demo(args.task, args.methods, sparsity=args.sparsity, steps=args.steps, seed=args.seed,
-                         model=args.model, shape=shape)
+                         model=args.model, shape=shape, init=args.init)
     metric = "test loss" if args.task == "digits" else "validation loss"
     print(results_table(results, metric))
     if args.plot:
-        curves = {r.label: [r.curve] for r in results}
-        print(f"curves: {plot_curves(curves, args.plot, metric, title=f'train-demo {args.task}')}")
+        curves = {r.label: [r.flops_curve() if args.x == "flops" else r.curve] for r in results}
+        xlabel = "training FLOPs" if args.x == "flops" else "step"
+        print(f"curves: {plot_curves(curves, args.plot, metric, title=f'train-demo {args.task}', xlabel=xlabel)}")
     return 0
 
 

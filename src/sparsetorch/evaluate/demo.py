@@ -1,9 +1,10 @@
 """`sparsetorch demo`: the whole pipeline on the bundled model, with a report.
 
-Dense perplexity and decode speed, one-shot pruning, sparse perplexity, sparse decode
-speed (with dense kernels, and on a copy whose linears `sparsetorch.runtime.compile`
-swapped for sparse kernels where they measure faster), saving in dense and compressed
-form, then `report.md`, `report.png` and `sparsity.png` in the output directory.
+Dense perplexity and decode speed, one-shot pruning, sparse perplexity, a short recovery
+by distillation from the dense model (`sparsetorch.recover`), sparse decode speed (with
+dense kernels, and on a copy whose linears `sparsetorch.runtime.compile` swapped for sparse
+kernels where they measure faster), saving in dense and compressed form, then `report.md`,
+`report.png` and `sparsity.png` in the output directory.
 
 `run_demo` takes its settings as a `DemoOptions`, not the command line's namespace, so the
 library does not depend on how `sparsetorch.cli` spells its flags.
@@ -30,11 +31,13 @@ from sparsetorch.models import load_model
 from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.pipeline import prune
 from sparsetorch.runtime.compile import compile as runtime_compile
+from sparsetorch.training.recover import recover
 
 __all__ = ["DemoOptions", "run_demo"]
 
 DECODE_REPEATS = 2  # after one warm-up; `sparsetorch bench` takes more for tighter medians
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
+RECOVER_BATCH = 2  # windows per recovery step: a short run takes many small steps
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class DemoOptions:
         decode_tokens: greedy tokens per decode-speed run (at least 2: the first one is the
             prompt's, only the steps after it are timed).
         seed: seed for the calibration window offsets.
+        recover_steps: steps of recovery by distillation after pruning, on the calibration
+            windows (0: none); the saved model is the recovered one.
         codec: lossless coding of the compressed weights, one of `formats.codec.CODECS`.
         overwrite: replace an existing output directory instead of refusing it.
         quiet: no progress bars.
@@ -61,12 +66,13 @@ class DemoOptions:
     eval_tokens: int = 16384
     decode_tokens: int = 128
     seed: int = 0
+    recover_steps: int = 24
     codec: str = "zstd"
     overwrite: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        minimum = {"calib_samples": 1, "seqlen": 2, "eval_tokens": 1, "decode_tokens": 2}
+        minimum = {"calib_samples": 1, "seqlen": 2, "eval_tokens": 1, "decode_tokens": 2, "recover_steps": 0}
         for name, least in minimum.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -113,9 +119,21 @@ def run_demo(options: DemoOptions, config: PruneConfig, out: Path) -> dict:
 
     _step(f"pruning with {config.method} ({config.pattern}, sparsity {config.sparsity:.0%}) "
           f"on {calib.shape[0]} windows of {calib.shape[1]} tokens")
+    teacher = copy.deepcopy(model) if options.recover_steps else None
     report = prune(model, calib, config, progress=progress)
     _step("sparse perplexity")
     sparse_ppl = perplexity(model, windows, progress=progress)
+    record = report.to_dict()
+    final_ppl, name = sparse_ppl, _stack_name(config)
+    if teacher is not None:
+        _step(f"recovery by distillation from the dense model ({options.recover_steps} steps of {RECOVER_BATCH} "
+              "calibration windows)")
+        recovery = recover(model, teacher, calib, steps=options.recover_steps, batch_size=RECOVER_BATCH,
+                           progress=progress)
+        del teacher
+        final_ppl = perplexity(model, windows, progress=progress)
+        record["recovery"] = {**recovery.to_dict(), "perplexity": {"before": sparse_ppl, "after": final_ppl}}
+        print(f"    {recovery.steps} steps in {recovery.seconds:.0f} s; perplexity {sparse_ppl:.2f} -> {final_ppl:.2f}")
     _step("sparse decode speed (dense kernels: sparsetorch.runtime swaps in sparse ones)")
     sparse_speed = measure_decode(model, prompt, options.decode_tokens, repeats=DECODE_REPEATS)
     _step("sparse decode speed with sparse kernels (sparsetorch.runtime.compile, on a copy)")
@@ -131,23 +149,38 @@ def run_demo(options: DemoOptions, config: PruneConfig, out: Path) -> dict:
         sparse_bytes = file_size(staging / "compressed" / "model.safetensors")  # one file, both kernel kinds
         rows = [
             ModelMeasure("dense", dense_ppl, dense_bytes, dense_speed.tokens_per_second, 0.0),
-            ModelMeasure(f"{config.method} {config.pattern}", sparse_ppl, sparse_bytes,
-                         sparse_speed.tokens_per_second, report.sparsity),
-            ModelMeasure(f"{config.method} {config.pattern} + sparse kernels", sparse_ppl, sparse_bytes,
-                         runtime_speed.tokens_per_second, report.sparsity),
+            ModelMeasure(f"{name}, one-shot", sparse_ppl, sparse_bytes, sparse_speed.tokens_per_second,
+                         report.sparsity),
         ]
+        if "recovery" in record:
+            rows.append(ModelMeasure(f"{name} + {options.recover_steps} recovery steps", final_ppl, sparse_bytes,
+                                     sparse_speed.tokens_per_second, report.sparsity))
+        rows.append(ModelMeasure(f"{rows[-1].label} + sparse kernels", final_ppl, sparse_bytes,
+                                 runtime_speed.tokens_per_second, report.sparsity))
         results["table"] = markdown_table(rows, rows[0])
         plot_comparison(rows, staging / "report.png", title=f"SmolLM2-135M, {config.method} {config.pattern}")
         plot_sparsity(layer_sparsity(staging), staging / "sparsity.png", title="per-layer sparsity")
         _write_report(staging, results["table"], report, split.source)
 
-    save_pruned(model, out, report.to_dict(), tokenizer=tokenizer, calibration=calibration, source=str(path),
+    save_pruned(model, out, record, tokenizer=tokenizer, calibration=calibration, source=str(path),
                 codec=options.codec, overwrite=options.overwrite, finish=write_report)
     print()
     print(results["table"])
     print()
     print(f"prune time {report.seconds:.1f} s; output: {out} (report.md, report.png, sparsity.png)")
-    return {"dense_perplexity": dense_ppl, "sparse_perplexity": sparse_ppl}
+    return {"dense_perplexity": dense_ppl, "sparse_perplexity": sparse_ppl, "final_perplexity": final_ppl}
+
+
+def _stack_name(config: PruneConfig) -> str:
+    """The pruning steps in a row label: method, pattern, and the steps after it."""
+    steps = [config.method, config.pattern if ":" in config.pattern else f"{config.sparsity:.0%}"]
+    if config.allocation != "uniform":
+        steps.append(f"+ {config.allocation}")
+    if config.refine:
+        steps.append(f"+ {config.refine}")
+    if config.reconstruct:
+        steps.append(f"+ {config.reconstruct} reconstruction")
+    return " ".join(steps)
 
 
 def _runtime_decode(model, prompt, tokens: int):

@@ -5,13 +5,18 @@ loop serves every method: forward, backward, clip, `optimizer.step()`, then the
 stepper's `step()` (a Sparsifier, or any object with `step()`), then `zero_grad()`. The
 learning rate warms up linearly for 5% of the run and follows a cosine down to 10%; for
 iterative pruning it restarts with every round, as weight rewinding requires.
+
+Every run counts its training FLOPs (`FlopMeter`): the Linear and convolution layers'
+forward and backward passes at their density, so that methods can be compared at equal
+compute as well as at equal steps.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +29,18 @@ from sparsetorch.data import demo_text
 from sparsetorch.patterns import check_sparsity
 from sparsetorch.training.recipes import Recipe, recipe
 from sparsetorch.training.schedules import Iterative
-from sparsetorch.training.sparsifier import Sparsifier
+from sparsetorch.training.sparsifier import CONVOLUTIONS, INITS, Sparsifier
 from sparsetorch.training.toys import DigitsCNN, DigitsMLP, TinyGPT
 
 __all__ = [
     "CharCorpus",
+    "FlopMeter",
     "GPTShape",
     "RunResult",
     "TrainConfig",
     "char_corpus",
     "digits_data",
+    "layer_rows",
     "plot_curves",
     "run_digits",
     "run_gpt",
@@ -58,6 +65,8 @@ class TrainConfig:
         eval_every: steps between evaluations for the curve.
         bf16: run training forward passes under `torch.autocast` in bfloat16 (evaluation
             stays float32).
+        init: the Sparsifier's initialization: 'sparse' rescales random initial masks to
+            each unit's fan-in, 'keep' leaves the dense initialization as it is.
     """
 
     method: str = "rigl"
@@ -69,9 +78,12 @@ class TrainConfig:
     weight_decay: float = 5e-4
     eval_every: int = 50
     bf16: bool = False
+    init: str = "sparse"
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("steps", "batch_size", "eval_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -94,7 +106,8 @@ class GPTShape:
 @dataclass
 class RunResult:
     """What one run measured. `curve` holds (step, metric) pairs; the metric is validation
-    loss for the GPT and test loss for digits."""
+    loss for the GPT and test loss for digits. `flops` holds the training FLOPs spent by
+    each point of the curve (empty where the stepper cannot count them)."""
 
     label: str
     curve: list[tuple[int, float]]
@@ -103,6 +116,11 @@ class RunResult:
     seconds: float
     accuracy: float | None = None
     info: dict = field(default_factory=dict)
+    flops: list[int] = field(default_factory=list)
+
+    def flops_curve(self) -> list[tuple[int, float]]:
+        """(training FLOPs, metric) pairs, for plotting against compute."""
+        return [(flops, value) for flops, (_, value) in zip(self.flops, self.curve)]
 
 
 def lr_at(step: int, steps: int, peak: float) -> float:
@@ -152,12 +170,77 @@ def train_loop(
 
 
 def make_sparsifier(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Recipe, seed: int,
-                    ignore: Sequence[str] | None = None) -> Sparsifier | None:
+                    ignore: Sequence[str] | None = None, init: str = "sparse") -> Sparsifier | None:
     """The Sparsifier for a recipe (None for dense)."""
     if plan.schedule is None:
         return None
     return Sparsifier(model, plan.schedule, pattern=plan.pattern, distribution=plan.distribution,
-                      ignore=ignore, optimizer=optimizer, seed=seed)
+                      ignore=ignore, optimizer=optimizer, seed=seed, init=init)
+
+
+@contextmanager
+def _recording_rows(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Forward hooks that record, per Linear or convolution, the rows of its output
+    (all output elements over output features or channels); always removed."""
+    rows: dict[str, int] = {}
+
+    def hook(name: str, width: int) -> Callable:
+        return lambda module, args, output: rows.__setitem__(name, output.numel() // width)
+
+    handles = [module.register_forward_hook(hook(name, module.weight.shape[0]))
+               for name, module in model.named_modules() if isinstance(module, (nn.Linear, *CONVOLUTIONS))]
+    try:
+        yield rows
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def layer_rows(model: nn.Module, example: Tensor) -> dict[str, int]:
+    """{layer name: rows it computes for the batch `example`} for every Linear and
+    convolution: tokens (batch x sequence) for a Linear, batch x output positions for a
+    convolution, as `Sparsifier.step(tokens=...)` takes them.
+
+    Example:
+        >>> layer_rows(DigitsCNN(), torch.zeros(64, 64))
+        {'conv1': 4096, 'conv2': 4096, 'fc': 64, 'head': 64}
+    """
+    with _recording_rows(model) as rows:
+        model(example)
+    return dict(rows)
+
+
+class FlopMeter:
+    """Steps a run's Sparsifier with the batch's rows and adds up training FLOPs: the
+    Sparsifier's count for its target layers, dense forward and backward (3 x 2 x weights
+    per row) for the layers it leaves dense, so dense and sparse runs count the same layers.
+
+    Args:
+        model: the model being trained.
+        sparsifier: its Sparsifier, or None for a dense run.
+        rows: `layer_rows` of one training batch.
+    """
+
+    def __init__(self, model: nn.Module, sparsifier: Sparsifier | None, rows: dict[str, int]) -> None:
+        self.sparsifier = sparsifier
+        targets = set() if sparsifier is None else {layer.name for layer in sparsifier.layers}
+        self.tokens = {name: count for name, count in rows.items() if name in targets}
+        modules = dict(model.named_modules())
+        self.dense_per_step = sum(6 * modules[name].weight.numel() * count for name, count in rows.items()
+                                  if name not in targets)
+        self.steps = 0
+
+    def step(self) -> bool:
+        """One training step: the Sparsifier's `step`, counted."""
+        self.steps += 1
+        return False if self.sparsifier is None else self.sparsifier.step(tokens=self.tokens)
+
+    @property
+    def total(self) -> int:
+        """Training FLOPs so far."""
+        sparse = 0 if self.sparsifier is None else self.sparsifier.training_flops
+        return sparse + self.steps * self.dense_per_step
 
 
 def _period(plan: Recipe) -> int | None:
@@ -205,7 +288,9 @@ def run_digits(config: TrainConfig, model_kind: str = "cnn") -> RunResult:
                                 weight_decay=config.weight_decay)
     plan = recipe(config.method, config.steps, config.sparsity)
     ignore = ["conv1"] if plan.pattern and ":" in plan.pattern else None  # 1 input channel cannot hold N:M
-    sparsifier = make_sparsifier(model, optimizer, plan, config.seed, ignore)
+    sparsifier = make_sparsifier(model, optimizer, plan, config.seed, ignore, config.init)
+    meter = FlopMeter(model, sparsifier, layer_rows(model, x_train[: config.batch_size]))
+    flops: list[int] = []
     batches = torch.Generator().manual_seed(config.seed)
 
     def loss_at(step: int) -> Tensor:
@@ -215,14 +300,16 @@ def run_digits(config: TrainConfig, model_kind: str = "cnn") -> RunResult:
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
+        flops.append(meter.total)
         return F.cross_entropy(model(x_test), y_test).item()
 
     started = time.perf_counter()
-    curve = train_loop(model, optimizer, loss_at, config, evaluate, sparsifier, _period(plan))
+    curve = train_loop(model, optimizer, loss_at, config, evaluate, meter, _period(plan))
     model.eval()
     with torch.no_grad():
         accuracy = (model(x_test).argmax(dim=1) == y_test).float().mean().item()
-    return RunResult(config.method, curve, curve[-1][1], _sparsity(sparsifier), time.perf_counter() - started, accuracy)
+    return RunResult(config.method, curve, curve[-1][1], _sparsity(sparsifier), time.perf_counter() - started, accuracy,
+                     flops=flops)
 
 
 # ---- Shakespeare by character ------------------------------------------------------------
@@ -275,7 +362,13 @@ def run_gpt(config: TrainConfig, shape: GPTShape = GPTShape(), corpus: CharCorpu
     model = TinyGPT(len(corpus.vocab), shape.width, shape.layers, shape.heads, shape.context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     plan = recipe(config.method, config.steps, config.sparsity)
-    stepper = stepper_factory(model, optimizer) if stepper_factory else make_sparsifier(model, optimizer, plan, config.seed)
+    if stepper_factory:
+        stepper, meter = stepper_factory(model, optimizer), None
+    else:
+        stepper = make_sparsifier(model, optimizer, plan, config.seed, init=config.init)
+        example = torch.zeros(config.batch_size, shape.context, dtype=torch.long)
+        meter = FlopMeter(model, stepper, layer_rows(model, example))
+    flops: list[int] = []
     batches = torch.Generator().manual_seed(config.seed)
     val = _windows(corpus.val, eval_windows, shape.context)
 
@@ -289,17 +382,23 @@ def run_gpt(config: TrainConfig, shape: GPTShape = GPTShape(), corpus: CharCorpu
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
+        if meter is not None:
+            flops.append(meter.total)
         losses = [F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten()).item() for w in val.split(16)]
         return float(np.mean(losses))
 
     started = time.perf_counter()
-    curve = train_loop(model, optimizer, loss_at, config, evaluate, stepper, _period(plan))
+    curve = train_loop(model, optimizer, loss_at, config, evaluate, meter or stepper, _period(plan))
     sparsity = _sparsity(stepper) if stepper is None or isinstance(stepper, Sparsifier) else float("nan")
-    return RunResult(config.method, curve, curve[-1][1], sparsity, time.perf_counter() - started, info={"stepper": stepper})
+    return RunResult(config.method, curve, curve[-1][1], sparsity, time.perf_counter() - started, info={"stepper": stepper},
+                     flops=flops)
 
 
-def plot_curves(runs: dict[str, list[list[tuple[int, float]]]], path: str | Path, ylabel: str, title: str = "") -> Path:
-    """One line per label (the mean over its runs, with a min-max band), saved as PNG."""
+def plot_curves(runs: dict[str, list[list[tuple[int, float]]]], path: str | Path, ylabel: str, title: str = "",
+                xlabel: str = "step") -> Path:
+    """One line per label (the mean over its runs, with a min-max band), saved as PNG.
+    The curves' x values are steps, or training FLOPs (`RunResult.flops_curve`) with
+    `xlabel` saying so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,7 +410,7 @@ def plot_curves(runs: dict[str, list[list[tuple[int, float]]]], path: str | Path
         values = np.array([[value for _, value in curve] for curve in curves])
         ax.plot(steps, values.mean(axis=0), label=label)
         ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
@@ -333,7 +432,7 @@ TASK_DEFAULTS: dict[str, dict] = {
 
 
 def train_demo(task: str, methods: Sequence[str], *, sparsity: float = 0.9, steps: int | None = None, seed: int = 0,
-               model: str = "cnn", shape: GPTShape = GPTShape(width=128)) -> list[RunResult]:
+               model: str = "cnn", shape: GPTShape = GPTShape(width=128), init: str = "sparse") -> list[RunResult]:
     """Train one model per method on the task's bundled data, same seed and batches for all.
 
     Args:
@@ -344,16 +443,17 @@ def train_demo(task: str, methods: Sequence[str], *, sparsity: float = 0.9, step
         seed: one seed for every run.
         model: 'cnn' or 'mlp' (digits).
         shape: GPT size (gpt).
+        init: 'sparse' (rescale random initial masks to each unit's fan-in) or 'keep'.
 
     Raises:
-        ValueError: unknown task, model or method, or bad numbers.
+        ValueError: unknown task, model, method or init, or bad numbers.
 
     Example:
         >>> [r.accuracy for r in train_demo("digits", ["dense", "rigl"], steps=100)]
     """
     if task not in TASK_DEFAULTS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_DEFAULTS)}")
-    settings = dict(TASK_DEFAULTS[task], seed=seed, sparsity=sparsity)
+    settings = dict(TASK_DEFAULTS[task], seed=seed, sparsity=sparsity, init=init)
     if steps is not None:
         settings["steps"] = steps
     configs = [TrainConfig(method=method, **settings) for method in methods]  # validate every method first
@@ -362,10 +462,14 @@ def train_demo(task: str, methods: Sequence[str], *, sparsity: float = 0.9, step
 
 
 def results_table(results: Sequence[RunResult], metric: str) -> str:
-    """A markdown table: method, measured sparsity, final metric (and ratio to the first row), accuracy."""
+    """A markdown table: method, measured sparsity, final metric (and ratio to the first row),
+    accuracy, training FLOPs of the Linear and convolution layers."""
     base = results[0].final
-    lines = [f"| method | sparsity | {metric} | vs {results[0].label} | accuracy | seconds |", "|---|---|---|---|---|---|"]
+    lines = [f"| method | sparsity | {metric} | vs {results[0].label} | accuracy | train FLOPs | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         accuracy = "–" if r.accuracy is None else f"{r.accuracy:.3f}"
-        lines.append(f"| {r.label} | {r.sparsity:.1%} | {r.final:.4f} | {r.final / base:.3f}× | {accuracy} | {r.seconds:.0f} |")
+        flops = f"{r.flops[-1]:.3g}" if r.flops else "–"
+        lines.append(f"| {r.label} | {r.sparsity:.1%} | {r.final:.4f} | {r.final / base:.3f}× | {accuracy} | {flops} | "
+                     f"{r.seconds:.0f} |")
     return "\n".join(lines)

@@ -6,7 +6,9 @@ by largest dense-gradient magnitude for RigL (Evci et al., 2020), that of the la
 or, with `grad_steps`, summed over the last batches before the update. The drop fraction
 f decays from `drop_fraction` by a cosine (RigL) or stays constant (SET). Grown weights
 start at zero with zeroed optimizer state; the active count never changes, so every
-layer stays at exactly its sparsity. Initial masks are random (use distribution='erk').
+layer stays at exactly its sparsity. Initial masks are random (use distribution='erk'),
+and the Sparsifier rescales the kept weights to each unit's sparse fan-in
+(`from_scratch`), so the signal does not shrink layer by layer before the first update.
 
 The exact counts come from the patterns: drop is a mask with `n_prune` set, grow is a
 mask over gradient scores where the survivors score +inf. `unstructured-row` drops and
@@ -108,6 +110,10 @@ class DropGrowMethod(Method):
     def check_pattern(cls, pattern: Pattern) -> None:
         if not isinstance(pattern, Unstructured):
             raise ValueError(f"{cls.__name__} moves single weights: use 'unstructured' or 'unstructured-row', got {pattern.spec}")
+
+    @property
+    def from_scratch(self) -> bool:
+        return True
 
     def initial_masks(self) -> MaskUpdate:
         return MaskUpdate(self.scored_masks(0, self.random_scores))

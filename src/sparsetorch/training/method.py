@@ -163,6 +163,14 @@ class Method:
         return True
 
     @property
+    def from_scratch(self) -> bool:
+        """Whether the first masks are drawn at random for a run that trains from its
+        initialization (static random masks, SET, RigL, SRigL). Only such runs get the
+        Sparsifier's sparse-aware initialization: masks taken by magnitude may be pruning
+        a trained model, whose weights must stay as trained."""
+        return False
+
+    @property
     def refine(self) -> float:
         """For soft methods: SR-STE's decay of pruned latent weights through their gradient."""
         return 0.0

@@ -67,6 +67,10 @@ class OneShotMethod(Method):
     def changes_masks(self) -> bool:
         return self.config.at > 0
 
+    @property
+    def from_scratch(self) -> bool:
+        return self.config.score == "random" and self.config.at == 0
+
     def _masks(self, step: int) -> list[Tensor]:
         if self.config.score == "magnitude":
             return self.magnitude_masks(step)

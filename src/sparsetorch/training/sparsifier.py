@@ -21,6 +21,21 @@ What it guarantees after every `step()`:
   DistributedDataParallel;
 - it works under `torch.autocast` and with `torch.compile`d models: masking happens in
   gradient hooks and in place between steps, outside the compiled graph.
+
+Sparse-aware initialization (`init="sparse"`, the default): a dense initialization sets
+each weight's variance for the unit's dense fan-in, so a random mask that keeps a
+fraction d of a unit's inputs shrinks its preactivation variance by d, layer after
+layer, and a deep network starts with a vanishing signal and gradient that it needs many
+steps to recover from (Evci et al., 2022, "Gradient flow in sparse neural networks and
+how lottery tickets win"). For runs that draw their first masks at random to train from
+scratch (static random masks, SET, RigL, SRigL), the kept weights of each output unit are
+multiplied once, right after the first masks, by sqrt(dense fan-in / kept fan-in), which
+gives every unit the variance the dense initialization meant. Runs that start dense or
+from magnitude masks (GMP, IMP, one-shot magnitude) and masks given by the caller keep
+their weights: those may be trained values. Regrown weights start at zero, as in RigL.
+
+Training FLOPs: `step(tokens=...)` adds the step's forward and backward FLOPs of the target
+layers at their current density to `training_flops` (see `step_flops`).
 """
 
 from __future__ import annotations
@@ -35,17 +50,38 @@ from torch import Tensor, nn
 from sparsetorch.patterns import Pattern, parse_pattern
 from sparsetorch.targets import find_targets, is_prunable
 from sparsetorch.training.distributions import layer_sparsities
-from sparsetorch.training.masking import attach_hard, attach_soft, detach, refresh_soft, set_scales
+from sparsetorch.training.masking import SCALE, attach_hard, attach_soft, detach, refresh_soft, set_scales
 from sparsetorch.training.method import Layer, MaskUpdate, Schedule, method_for
 
-__all__ = ["DEFAULT_TARGETS", "Sparsifier", "is_sparse_trainable"]
+__all__ = ["DEFAULT_TARGETS", "INITS", "Sparsifier", "fan_in_scales", "is_sparse_trainable"]
 
 DEFAULT_TARGETS: tuple[str, ...] = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d")
+INITS: tuple[str, ...] = ("sparse", "keep")
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def is_sparse_trainable(module: nn.Module) -> bool:
     """Linear, GPT-2's Conv1D and (unlike one-shot pruning) convolutions."""
     return is_prunable(module) or isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def fan_in_scales(mask: Tensor) -> Tensor:
+    """Per output unit, sqrt(dense fan-in / kept fan-in): the factor that gives the unit's
+    kept weights the variance its dense initialization meant for all of its inputs.
+
+    Args:
+        mask: boolean keep-mask laid out (out, in, ...), as `Layer.matrix` gives it.
+
+    Returns:
+        (out,) float factors; 1 for a unit that keeps no input (nothing to rescale).
+
+    Example:
+        >>> fan_in_scales(torch.tensor([[True, False, False, False], [True, True, True, True]]))
+        tensor([2., 1.])
+    """
+    rows = mask.reshape(mask.shape[0], -1)  # (out, fan-in)
+    kept = rows.sum(dim=1).float()
+    return torch.where(kept > 0, (rows.shape[1] / kept.clamp(min=1)).sqrt(), torch.ones_like(kept))
 
 
 def _given_masks(modules: dict[str, nn.Module], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -91,12 +127,21 @@ class Sparsifier:
             first masks, e.g. `{name: module.weight != 0}` to keep exactly the zeros of a
             model pruned one-shot (with `OneShot()` they then stay fixed). Every target
             layer needs one; where neither the schedule nor the distribution sets a
-            sparsity, each layer's final sparsity is its mask's.
+            sparsity, each layer's final sparsity is its mask's. Given masks are never
+            rescaled by `init`.
+        init: 'sparse' rescales the kept weights of each unit to its sparse fan-in once,
+            after the first masks, for methods that draw them at random to train from
+            scratch (see the module docstring); 'keep' leaves the weights as they are.
+
+    Attributes:
+        training_flops: forward and backward FLOPs of the target layers over the steps
+            that were given `tokens` (see `step_flops`).
+        rescaled: whether the sparse-aware initialization rescaled this run's weights.
 
     Raises:
-        ValueError: a bad sparsity, pattern, distribution or target set, a method that
-            changes masks without an optimizer, or `masks` that miss a target layer or
-            do not fit its weight.
+        ValueError: a bad sparsity, pattern, distribution, target set or `init`, a method
+            that changes masks without an optimizer, or `masks` that miss a target layer
+            or do not fit its weight.
         TypeError: `schedule` is not a method config, or a mask is not boolean.
 
     Example:
@@ -115,7 +160,11 @@ class Sparsifier:
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
         masks: Mapping[str, Tensor] | None = None,
+        init: str = "sparse",
     ) -> None:
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS} ('sparse' rescales random initial masks to their fan-in, "
+                             f"'keep' leaves the weights), got {init!r}")
         handler = method_for(schedule)
         self.model, self.schedule, self.optimizer = model, schedule, optimizer
         self.pattern = parse_pattern(handler.default_pattern if pattern is None else pattern)
@@ -127,11 +176,16 @@ class Sparsifier:
         self.generator = torch.Generator().manual_seed(seed)
         self.method = handler(schedule, self.layers, self.pattern, self.generator, model)
         self._check_optimizer()
+        self.init = init
         self.step_count = 0
+        self.training_flops = 0
         self._grads: dict[int, Tensor] = {}
         self._handles = [self._attach(index, layer) for index, layer in enumerate(self.layers)]
         first = self.method.initial_masks()  # even when replaced: a method may set itself up here (IMP's rewind point)
         self._apply(first if given is None else MaskUpdate(list(given.values())))
+        self.rescaled = init == "sparse" and given is None and self.method.from_scratch
+        if self.rescaled:
+            self._rescale()
         self._collecting = self.method.collects_grads(1)
 
     # ---- setup -------------------------------------------------------------------------
@@ -167,6 +221,15 @@ class Sparsifier:
         if missing:
             raise ValueError(f"the optimizer does not train the weights of {missing[:4]}: build it from this model's parameters")
 
+    @torch.no_grad()
+    def _rescale(self) -> None:
+        for layer in self.layers:
+            weight = layer.matrix(layer.weight)  # (out, in, ...), a view of the parameter
+            scales = fan_in_scales(layer.matrix(layer.mask)).to(weight.dtype)
+            weight.mul_(scales.view(-1, *[1] * (weight.dim() - 1)))
+            if self.method.soft:
+                refresh_soft(layer.module)
+
     def _attach(self, index: int, layer: Layer):
         if self.method.soft:
             return attach_soft(layer.module, self.method.refine)
@@ -192,15 +255,24 @@ class Sparsifier:
                 grad /= dist.get_world_size()
         return grads
 
-    def step(self) -> bool:
+    def step(self, tokens: int | Mapping[str, int] | None = None) -> bool:
         """Advance one training step: update masks where the schedule says so and zero every
         pruned weight. Call it after `optimizer.step()` and before `optimizer.zero_grad()`.
 
+        Args:
+            tokens: the rows this step's batch sent through each target layer, to add the
+                step's cost to `training_flops` (see `step_flops`); None counts nothing.
+
         Returns:
             True when the masks changed at this step.
+
+        Raises:
+            ValueError: bad `tokens` (see `step_flops`).
         """
         if not self.layers:
             raise RuntimeError("this sparsifier was finalized; build a new one to keep training sparse")
+        if tokens is not None:
+            self.training_flops += self.step_flops(tokens)
         self.step_count += 1
         grads = self._take_grads() if self.method.needs_grads(self.step_count) else None
         self._collecting = self.method.collects_grads(self.step_count + 1)
@@ -212,6 +284,71 @@ class Sparsifier:
         elif not self.method.soft:
             self._enforce()
         return update is not None
+
+    def step_flops(self, tokens: int | Mapping[str, int]) -> int:
+        """Training FLOPs of the target layers for the step in progress, at the masks it
+        trains with.
+
+        A layer holding `kept` of its `numel` weights costs, per row of its input,
+        2 * kept in the forward pass and as much again for the input gradient; the weight
+        gradient costs 2 * kept too, or 2 * numel where it is dense: at steps whose dense
+        gradient RigL or SRigL reads (as Evci et al. count RigL's cost), and always for
+        soft methods, which train the dense latent weight. Forward-pass weights of a soft
+        method count dense while its pruned entries still weigh in (progressive N:M).
+
+        Args:
+            tokens: rows per target layer: an int for models of Linear (and GPT-2 Conv1D)
+                layers, where a row is a token or an example (batch x sequence length);
+                or {layer name: rows}, which convolutions need: a convolution's rows are
+                batch x its output positions, which only the caller knows.
+
+        Returns:
+            FLOPs, an int.
+
+        Raises:
+            ValueError: a negative count, a layer missing from the map, or an int for a
+                model with convolutions.
+
+        Example:
+            >>> sparsifier.step(tokens=batch_size * seq_len)   # adds step_flops to training_flops
+            >>> sparsifier.training_flops
+        """
+        rows = self._rows(tokens)
+        dense_grads = self.method.soft or self._collecting
+        flops = 0
+        for layer, forward, count in zip(self.layers, self._forward_weights(), rows):
+            numel = layer.mask.numel()
+            flops += count * 2 * (2 * forward + (numel if dense_grads else forward))
+        return flops
+
+    def _rows(self, tokens: int | Mapping[str, int]) -> list[int]:
+        if isinstance(tokens, Mapping):
+            missing = [layer.name for layer in self.layers if layer.name not in tokens]
+            if missing:
+                raise ValueError(f"tokens has no row count for target layers {missing[:4]}; give every target layer one")
+            rows = [tokens[layer.name] for layer in self.layers]
+        else:
+            convs = [layer.name for layer in self.layers if isinstance(layer.module, CONVOLUTIONS)]
+            if convs:
+                raise ValueError(f"layers {convs[:4]} are convolutions, whose rows are batch x output positions: pass "
+                                 "tokens={layer name: rows} for every target layer")
+            rows = [tokens] * len(self.layers)
+        for layer, count in zip(self.layers, rows):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"tokens for layer {layer.name!r} must be a whole number >= 0, got {count!r}")
+        return rows
+
+    def _forward_weights(self) -> list[int]:
+        """Weights each layer multiplies in the forward pass (read from the buffers, which
+        `model.load_state_dict` may have replaced): the kept ones, or all of a soft layer
+        whose pruned entries still weigh in."""
+        counts = []
+        for layer in self.layers:
+            kept = layer.mask.sum()
+            if self.method.soft:
+                kept = torch.where(getattr(layer.module, SCALE)[0] != 0, layer.mask.numel(), kept)
+            counts.append(kept)
+        return torch.stack(counts).tolist()  # one device sync per counted step
 
     @torch.no_grad()
     def _enforce(self) -> None:
@@ -260,10 +397,13 @@ class Sparsifier:
         return {layer.name: self.method.sparsity_at(layer, step) for layer in self.layers}
 
     def state_dict(self) -> dict[str, Any]:
-        """Step, random state, method state and any gradients summed so far for the next
-        update (RigL's `grad_steps`); masks are saved by `model.state_dict()`."""
+        """Step, random state, method state, any gradients summed so far for the next
+        update (RigL's `grad_steps`), the FLOPs count and whether the initialization was
+        rescaled; masks and weights are saved by `model.state_dict()`."""
         return {
             "step": self.step_count,
+            "init": {"mode": self.init, "rescaled": self.rescaled},
+            "flops": self.training_flops,
             "schedule": self.schedule.to_dict(),
             "pattern": self.pattern.spec,
             "generator": self.generator.get_state(),
@@ -273,6 +413,9 @@ class Sparsifier:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict` output (load the model's state dict as well).
+
+        The initialization is never applied again: the saved weights come from the model's
+        state dict, and `rescaled` is set to what the saved run did.
 
         Raises:
             ValueError: the state was saved for another schedule or pattern.
@@ -285,6 +428,8 @@ class Sparsifier:
         self.generator.set_state(state["generator"])
         self.method.load_state_dict(state["method"])
         self._grads = {int(index): grad.clone() for index, grad in state.get("grads", {}).items()}
+        self.rescaled = bool(state.get("init", {}).get("rescaled", False))
+        self.training_flops = int(state.get("flops", 0))
         self._collecting = self.method.collects_grads(self.step_count + 1)
 
     def finalize(self) -> dict[str, Tensor]:
