@@ -74,6 +74,27 @@ def _stacks(method: str, pattern: str, allocation: str) -> list[tuple[str, str, 
     return stacks
 
 
+def _extra(spec: str, pattern: str) -> tuple[str, dict] | None:
+    """A stack named on the command line, e.g. 'wanda+block' or 'sparsegpt+owl+layer': (name, prune options);
+    None where it does not apply to `pattern` (an allocation under N:M)."""
+    method, *steps = spec.split("+")
+    options: dict = {"method": method}
+    options.update({"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)})
+    names = {"dsnot": "dsnot", "layer": "layer refit", "block": "block refit"}
+    for step in steps:
+        if step in ("owl", "depth"):
+            if ":" in pattern:
+                return None
+            options["allocation"] = step
+        elif step == "dsnot":
+            options["refine"] = "dsnot"
+        elif step in ("layer", "block"):
+            options["reconstruct"] = step
+        else:
+            raise SystemExit(f"--extra {spec}: unknown step {step!r} (owl, depth, dsnot, layer, block)")
+    return " + ".join([method, *(names.get(step, step) for step in steps)]), options
+
+
 def _texts(tokenizer, split, tokens: int, seqlen: int) -> dict[str, torch.Tensor]:
     from pydoc_data.topics import topics
 
@@ -121,6 +142,9 @@ def main() -> None:
     parser.add_argument("--steps", nargs="*", default=list(STEPS), choices=STEPS,
                         help="which stacks to run (each includes the steps before it; none: only llm-compressor)")
     parser.add_argument("--allocation", default="owl", help="the allocation step's rule (default: owl)")
+    parser.add_argument("--extra", nargs="*", default=[],
+                        help="further stacks to run at every pattern, e.g. wanda+block sparsegpt+owl+layer; "
+                             "STACK@PATTERN runs one at that pattern only (wanda+block@0.5)")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation text (default: 16384)")
@@ -177,6 +201,15 @@ def main() -> None:
                 def ours(options=options) -> float:
                     return sparsetorch.prune(model, windows, progress=False, **options).seconds
                 rows.append(run("sparsetorch", method, pattern, stack, ours))
+        for spec in args.extra:
+            spec, _, only = spec.partition("@")
+            if only and only != pattern:
+                continue
+            extra = _extra(spec, pattern)
+            if extra is not None:
+                rows.append(run("sparsetorch", spec.split("+")[0], pattern, extra[0],
+                                lambda options=extra[1]: sparsetorch.prune(model, windows, progress=False,
+                                                                           **options).seconds))
     minutes = (time.time() - started) / 60
     plot = HERE / "quality_llm.png"
     _plot(rows, plot)

@@ -56,11 +56,12 @@ def test_prune_the_bundled_model_and_load_both_forms(bundled, tmp_path, capsys):
 def test_demo_writes_report_and_prints_the_comparison(bundled, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--method", "wanda", "--calib-samples", "2", "--seqlen", "64", "--eval-tokens", "256",
-                 "--decode-tokens", "4", "--recover-steps", "2", "--out", str(out), "--quiet"]) == 0
+                 "--decode-tokens", "4", "--reconstruct", "layer", "--recover-steps", "2", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "| dense |" in printed and "| wanda 50%, one-shot |" in printed and str(out) in printed
-    assert "| wanda 50% + 2 recovery steps |" in printed and "layers sparse" in printed
-    assert "| wanda 50% + 2 recovery steps + sparse kernels |" in printed
+    stack = "wanda 50% + layer reconstruction"
+    assert "| dense |" in printed and f"| {stack}, one-shot |" in printed and str(out) in printed
+    assert f"| {stack} + 2 recovery steps |" in printed and "layers sparse" in printed
+    assert f"| {stack} + 2 recovery steps + sparse kernels |" in printed
     recovery = json.loads((out / "sparsity.json").read_text())["recovery"]
     assert recovery["steps"] == 2 and set(recovery["perplexity"]) == {"before", "after"}
     for name in ("report.md", "report.png", "sparsity.png", "sparsity.json", "model.safetensors"):

@@ -80,3 +80,17 @@ def test_block_reconstruction_needs_blocks():
     report = sparsetorch.prune(model, torch.randn(4, 16), method="wanda", targets=["re:.*"], reconstruct="layer",
                                progress=False)
     assert report.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_cli_records_the_steps(tiny_model_dir, text_files, tmp_path):
+    import json
+
+    from sparsetorch.cli import main
+
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_model_dir), "--out", str(out), "--calib-text", str(text_files[0]),
+                 "--calib-samples", "8", "--seqlen", "64", "--quiet", "--method", "wanda", "--refine", "dsnot",
+                 "--reconstruct", "block"]) == 0
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["config"]["refine"] == "dsnot" and record["config"]["reconstruct"] == "block"
+    assert record["blocks"] and all(fit["loss_after"] <= fit["loss_before"] for fit in record["blocks"].values())

@@ -50,7 +50,7 @@ def _add_data_options(parser: argparse.ArgumentParser, calibration: bool, evalua
         group.add_argument("--eval-text", type=Path, help="a UTF-8 text file to evaluate on instead of the held-out plays")
 
 
-def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> None:
+def _add_prune_options(parser: argparse.ArgumentParser, default_method: str, default_reconstruct: str | None = None) -> None:
     from sparsetorch.allocate import ALLOCATIONS
     from sparsetorch.oneshot import LAYER_INPUTS, SOLVERS
     from sparsetorch.precision import CALIB_DTYPES
@@ -95,10 +95,11 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str) -> 
                        help="after the method chose each layer's mask: 'dsnot' swaps kept and pruned weights within "
                             "each row (or N:M group) where that lowers the layer's expected output error, never "
                             "raising its calibration error (DSnoT). Default: none")
-    group.add_argument("--reconstruct", choices=["layer", "block"], default=None,
+    group.add_argument("--reconstruct", choices=["layer", "block", "none"], default=default_reconstruct,
                        help="after masking: 'layer' refits each layer's kept weights to the dense layer's outputs "
                             "on the calibration inputs (least squares on each row's support); 'block' also trains "
-                            "each block's kept weights a few steps to match the dense block's output. Default: none")
+                            "each block's kept weights a few steps to match the dense block's output. "
+                            f"Default: {default_reconstruct or 'none'}")
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, help="output directory (default: pruned/<model>-<method>-<pattern>)")
     out.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="prune the bundled LLM and report quality, size and speed",
                           description="The whole pipeline on the bundled SmolLM2-135M: dense and sparse perplexity, "
                                       "file sizes, decode speed, a report and plots.")
-    _add_prune_options(demo, "sparsegpt")
+    _add_prune_options(demo, "sparsegpt", default_reconstruct="block")
     _add_data_options(demo, calibration=True, evaluation=True)
     demo.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens for the decode-speed test (default: 128)")
     demo.add_argument("--recover-steps", type=int, default=24,
@@ -332,7 +333,7 @@ def _config_from_args(args):
         owl_lambda=args.owl_lambda,
         depth_step=args.depth_step,
         refine=args.refine,
-        reconstruct=args.reconstruct,
+        reconstruct=None if args.reconstruct == "none" else args.reconstruct,
     )
 
 
