@@ -248,6 +248,7 @@ def _plot(rows: list[Row], path: Path) -> None:
     dense = rows[0].perplexity
     fig, axes = plt.subplots(1, len(dense), figsize=(7 * len(dense), 5))
     for ax, text in zip(axes, dense):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 stacks, each its own colour
         lines: dict[str, list[Row]] = {}
         for row in rows[1:]:
             lines.setdefault(f"{row.tool}: {row.stack}", []).append(row)
