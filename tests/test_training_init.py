@@ -15,7 +15,7 @@ from sparsetorch.training import SET, SRSTE, Gradual, Iterative, OneShot, Progre
 from sparsetorch.training.demo import layer_rows
 from sparsetorch.training.sparsifier import fan_in_scales
 from sparsetorch.training.toys import DigitsCNN
-from training_helpers import OPTIMIZERS, batch, mlp, train_step
+from training_helpers import OPTIMIZERS, Conv1D, batch, mlp, train_step
 
 FROM_SCRATCH = {
     "static": (OneShot(sparsity=0.75, score="random"), {"distribution": "erk"}),
@@ -72,17 +72,6 @@ def test_convolutions_scale_by_in_channels_times_kernel_size():
     kept = mask.flatten(1).sum(dim=1).float()  # (out,)
     factor = torch.sqrt(3 * 3 * 3 / kept).view(4, 1, 1, 1)
     assert torch.allclose(model[0].weight, before * mask * factor)
-
-
-class Conv1D(nn.Module):
-    """GPT-2's layer: weight stored as (in, out), so a unit's fan-in is a column."""
-
-    def __init__(self, inputs, outputs):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(inputs, outputs))
-
-    def forward(self, x):
-        return x @ self.weight
 
 
 def test_gpt2_conv1d_scales_each_output_column():

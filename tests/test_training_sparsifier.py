@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsetorch.training import SRSTE, Gradual, OneShot, RigL, Sparsifier
-from training_helpers import OPTIMIZERS, batch, mlp, train_step
+from training_helpers import OPTIMIZERS, Conv1D, batch, mlp, train_step
 
 
 def sparsifier_for(schedule, model=None, **kwargs):
@@ -25,17 +25,6 @@ def test_step_reports_when_masks_change():
     assert changed == [False, True, False, True, False]
     assert sparsifier.scheduled_sparsity() == {"0": 0.5, "2": 0.5}
     assert sparsifier.sparsity() == {"0": 0.5, "2": 0.5}
-
-
-class Conv1D(nn.Module):
-    """GPT-2's layer: weight stored as (in, out)."""
-
-    def __init__(self, inputs, outputs):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(inputs, outputs))
-
-    def forward(self, x):
-        return x @ self.weight
 
 
 def test_gpt2_conv1d_weights_group_n_m_along_their_input_rows():

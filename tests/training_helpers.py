@@ -16,6 +16,17 @@ OPTIMIZERS = {
 }
 
 
+class Conv1D(nn.Module):
+    """GPT-2's layer: weight stored as (in, out), so a unit's fan-in is a column."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(inputs, outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
 def mlp(seed: int = 0, widths: tuple[int, ...] = (16, 24, 8)) -> nn.Sequential:
     """Linear layers with ReLUs between; input width widths[0], `widths[-1]` outputs."""
     torch.manual_seed(seed)
