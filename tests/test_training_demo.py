@@ -2,7 +2,17 @@ import pytest
 import torch
 
 from sparsetorch.cli import main
-from sparsetorch.training.demo import CharCorpus, GPTShape, TrainConfig, digits_data, lr_at, run_digits, run_gpt
+from sparsetorch.training.demo import (
+    CharCorpus,
+    GPTShape,
+    TrainConfig,
+    digits_data,
+    gpt_loss,
+    lr_at,
+    retrain_gpt,
+    run_digits,
+    run_gpt,
+)
 
 
 def test_digits_split_is_fixed_and_disjoint():
@@ -26,15 +36,39 @@ def test_a_short_digits_run_is_sparse_and_learns(method):
     assert result.curve[-1][1] < result.curve[0][1]
 
 
-def test_a_tiny_gpt_run_on_given_text():
+TINY = GPTShape(width=32, layers=1, heads=2, context=16)
+
+
+def tiny_corpus() -> CharCorpus:
     text = "to be or not to be, that is the question. " * 40
     vocab = "".join(sorted(set(text)))
     ids = torch.tensor([vocab.index(c) for c in text])
-    corpus = CharCorpus(vocab, ids[:1200], ids[1200:], "test")
+    return CharCorpus(vocab, ids[:1200], ids[1200:], "test")
+
+
+def test_a_tiny_gpt_run_on_given_text():
     result = run_gpt(TrainConfig(method="gmp", steps=12, sparsity=0.5, batch_size=4, lr=3e-3, eval_every=6),
-                     GPTShape(width=32, layers=1, heads=2, context=16), corpus, eval_windows=4)
+                     TINY, tiny_corpus(), eval_windows=4)
     assert result.sparsity == pytest.approx(0.5)
     assert result.curve[-1][1] < result.curve[0][1]
+
+
+def test_retraining_keeps_the_pruned_masks_and_counts_sparse_flops():
+    corpus = tiny_corpus()
+    config = TrainConfig(method="gmp", steps=12, sparsity=0.5, batch_size=4, lr=3e-3, eval_every=6)
+    pruned = run_gpt(config, TINY, corpus, eval_windows=4).info["stepper"]
+    masks = pruned.masks()
+    result = retrain_gpt(pruned.model.state_dict(), masks, TrainConfig(method="gmp", steps=5, seed=1, batch_size=4,
+                                                                       lr=1e-3, eval_every=5), TINY, corpus, eval_windows=4)
+    retrained = result.info["stepper"]
+    assert result.label == "retrain" and result.sparsity == pytest.approx(0.5)
+    assert all(torch.equal(mask, masks[name]) for name, mask in retrained.masks().items())
+    assert result.curve[0][1] == pytest.approx(gpt_loss(pruned.model, corpus.val, 4))  # starts where pruning ended
+    assert result.final == gpt_loss(retrained.model, corpus.val, 4)
+    rows = 4 * TINY.context  # tokens per step through every Linear
+    layers = dict(retrained.model.named_modules())
+    per_step = sum(6 * int(masks[name].sum()) * rows for name in masks) + 6 * layers["lm_head"].weight.numel() * rows
+    assert result.flops == [0, 5 * per_step]
 
 
 def test_bad_numbers_are_refused():

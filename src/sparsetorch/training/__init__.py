@@ -6,7 +6,7 @@
 
 Methods are configs (schedules) with a registered handler each: OneShot (magnitude or
 random static masks), Gradual (cubic GMP), Iterative (IMP with rewinding), SET, RigL,
-SRigL, SRSTE and ProgressiveNM (N:M from scratch). `average` makes sparse model soups.
+SRigL, SRSTE and ProgressiveNM (N:M from scratch). `average` and `greedy_soup` make sparse model soups.
 `recover` trains a one-shot-pruned LLM back towards its dense model, masks fixed.
 """
 
@@ -16,7 +16,7 @@ from sparsetorch.training.method import METHODS, Layer, MaskUpdate, Method, Sche
 from sparsetorch.training.nm import SRSTE, ProgressiveNM
 from sparsetorch.training.recover import RecoverConfig, RecoverReport, recover
 from sparsetorch.training.schedules import Gradual, Iterative, OneShot
-from sparsetorch.training.soups import average, shared_masks
+from sparsetorch.training.soups import GreedySoup, average, greedy_soup, shared_masks
 from sparsetorch.training.sparsifier import Sparsifier
 from sparsetorch.training.srigl import SRigL
 
@@ -26,6 +26,7 @@ __all__ = [
     "SET",
     "SRSTE",
     "DynamicSchedule",
+    "GreedySoup",
     "Gradual",
     "Iterative",
     "Layer",
@@ -40,6 +41,7 @@ __all__ = [
     "Schedule",
     "Sparsifier",
     "average",
+    "greedy_soup",
     "layer_sparsities",
     "recover",
     "register_distribution",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from sparsetorch.data import demo_text
 from sparsetorch.patterns import check_sparsity
+from sparsetorch.training.method import MASK
 from sparsetorch.training.recipes import Recipe, recipe
-from sparsetorch.training.schedules import Iterative
+from sparsetorch.training.schedules import Iterative, OneShot
 from sparsetorch.training.sparsifier import CONVOLUTIONS, INITS, Sparsifier
 from sparsetorch.training.toys import DigitsCNN, DigitsMLP, TinyGPT
 
@@ -40,8 +41,10 @@ __all__ = [
     "TrainConfig",
     "char_corpus",
     "digits_data",
+    "gpt_loss",
     "layer_rows",
     "plot_curves",
+    "retrain_gpt",
     "run_digits",
     "run_gpt",
     "train_loop",
@@ -345,6 +348,24 @@ def _windows(ids: Tensor, count: int, length: int) -> Tensor:
     return torch.stack([ids[s : s + length + 1] for s in starts.tolist()])
 
 
+@torch.no_grad()
+def gpt_loss(model: nn.Module, ids: Tensor, windows: int = 64) -> float:
+    """Mean next-character cross-entropy of a tiny GPT over `windows` evenly spaced windows
+    of `ids`, each `model.context` characters long, in float32 and eval mode.
+
+    Example:
+        >>> gpt_loss(model, char_corpus().val)   # the benchmark's validation loss
+    """
+    model.eval()
+    val = _windows(ids, windows, model.context)  # (windows, context + 1)
+    losses = [F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten()).item() for w in val.split(16)]
+    return float(np.mean(losses))
+
+
+def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+
+
 def run_gpt(config: TrainConfig, shape: GPTShape = GPTShape(), corpus: CharCorpus | None = None,
             eval_windows: int = 64, stepper_factory: Callable | None = None) -> RunResult:
     """Train the tiny GPT on the training plays with AdamW; validation loss on held-out plays.
@@ -356,42 +377,88 @@ def run_gpt(config: TrainConfig, shape: GPTShape = GPTShape(), corpus: CharCorpu
         eval_windows: held-out windows of `shape.context` characters for the validation loss.
         stepper_factory: (model, optimizer) -> an object with `step()`, replacing the
             recipe's Sparsifier (the benchmark's torch.ao peer uses this).
+
+    Returns:
+        The run's result; `info["stepper"]` holds the Sparsifier (None for dense), whose
+        `model` is the trained model.
     """
     corpus = corpus or char_corpus()
     torch.manual_seed(config.seed)
     model = TinyGPT(len(corpus.vocab), shape.width, shape.layers, shape.heads, shape.context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    optimizer = _adamw(model, config)
     plan = recipe(config.method, config.steps, config.sparsity)
     if stepper_factory:
-        stepper, meter = stepper_factory(model, optimizer), None
+        stepper = stepper_factory(model, optimizer)
     else:
         stepper = make_sparsifier(model, optimizer, plan, config.seed, init=config.init)
-        example = torch.zeros(config.batch_size, shape.context, dtype=torch.long)
+    return _fit_gpt(model, optimizer, stepper, config, corpus, eval_windows, _period(plan),
+                    counted=stepper_factory is None)
+
+
+def retrain_gpt(start: Mapping[str, Tensor], masks: Mapping[str, Tensor], config: TrainConfig, shape: GPTShape = GPTShape(),
+                corpus: CharCorpus | None = None, eval_windows: int = 64) -> RunResult:
+    """Train a pruned tiny GPT further with its masks fixed (a sparse model soup's ingredient).
+
+    Args:
+        start: the pruned model's state dict, for a TinyGPT of `shape` over `corpus.vocab`;
+            mask buffers in it (`<layer>.weight_mask`) are ignored, `masks` sets them.
+        masks: {layer name: boolean keep-mask} of every sparse layer, e.g. the pruning
+            run's `Sparsifier.masks()`; they stay fixed.
+        config: steps, seed (of the batch order), lr, weight decay; its method and
+            sparsity are not used.
+        shape: model size.
+        corpus: the encoded text (default: `char_corpus()`).
+        eval_windows: held-out windows for the validation loss.
+
+    Returns:
+        The run's result, labelled 'retrain'; `info["stepper"].model` is the trained model.
+
+    Raises:
+        ValueError: masks that miss a sparse layer or do not fit its weight.
+
+    Example:
+        >>> pruned = run_gpt(TrainConfig(method="gmp", lr=2e-3)).info["stepper"]
+        >>> retrain_gpt(pruned.model.state_dict(), pruned.masks(), TrainConfig(method="dense", seed=1, lr=2e-3))
+    """
+    corpus = corpus or char_corpus()
+    torch.manual_seed(config.seed)
+    model = TinyGPT(len(corpus.vocab), shape.width, shape.layers, shape.heads, shape.context)
+    model.load_state_dict({key: value for key, value in start.items() if key.rsplit(".", 1)[-1] != MASK})
+    optimizer = _adamw(model, config)
+    sparsifier = Sparsifier(model, OneShot(), masks=masks, optimizer=optimizer, seed=config.seed)
+    result = _fit_gpt(model, optimizer, sparsifier, config, corpus, eval_windows)
+    result.label = "retrain"
+    return result
+
+
+def _fit_gpt(model: TinyGPT, optimizer: torch.optim.Optimizer, stepper: object | None, config: TrainConfig,
+             corpus: CharCorpus, eval_windows: int, period: int | None = None, counted: bool = True) -> RunResult:
+    """The GPT training loop of `run_gpt` and `retrain_gpt`: batches seeded by `config.seed`,
+    FLOPs counted where `stepper` is a Sparsifier or None (`counted`)."""
+    meter = None
+    if counted:
+        example = torch.zeros(config.batch_size, model.context, dtype=torch.long)
         meter = FlopMeter(model, stepper, layer_rows(model, example))
     flops: list[int] = []
     batches = torch.Generator().manual_seed(config.seed)
-    val = _windows(corpus.val, eval_windows, shape.context)
 
     def loss_at(step: int) -> Tensor:
-        starts = torch.randint(0, corpus.train.numel() - shape.context - 1, (config.batch_size,), generator=batches)
-        chunk = torch.stack([corpus.train[s : s + shape.context + 1] for s in starts.tolist()])
+        starts = torch.randint(0, corpus.train.numel() - model.context - 1, (config.batch_size,), generator=batches)
+        chunk = torch.stack([corpus.train[s : s + model.context + 1] for s in starts.tolist()])  # (B, T + 1)
         with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             logits = model(chunk[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
 
-    @torch.no_grad()
     def evaluate() -> float:
-        model.eval()
         if meter is not None:
             flops.append(meter.total)
-        losses = [F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten()).item() for w in val.split(16)]
-        return float(np.mean(losses))
+        return gpt_loss(model, corpus.val, eval_windows)
 
     started = time.perf_counter()
-    curve = train_loop(model, optimizer, loss_at, config, evaluate, meter or stepper, _period(plan))
+    curve = train_loop(model, optimizer, loss_at, config, evaluate, meter or stepper, period)
     sparsity = _sparsity(stepper) if stepper is None or isinstance(stepper, Sparsifier) else float("nan")
-    return RunResult(config.method, curve, curve[-1][1], sparsity, time.perf_counter() - started, info={"stepper": stepper},
-                     flops=flops)
+    return RunResult(config.method, curve, curve[-1][1], sparsity, time.perf_counter() - started,
+                     info={"stepper": stepper}, flops=flops)
 
 
 def plot_curves(runs: dict[str, list[list[tuple[int, float]]]], path: str | Path, ylabel: str, title: str = "",
