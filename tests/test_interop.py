@@ -63,3 +63,57 @@ def test_we_read_files_written_by_compressed_tensors(tmp_path):
     loaded = load_pruned(directory, compressed=True)
     assert torch.equal(loaded.model.layers[1].mlp.up_proj.weight, expected["model.layers.1.mlp.up_proj.weight"])
     shutil.rmtree(directory)
+
+
+def _quantized_export(tmp_path, scheme, pattern=None, embeddings=None, tie=False):
+    """A tiny Llama rounded to `scheme` (pruned with `pattern` first, if any; its embeddings rounded to
+    `embeddings`, if given), exported with codec 'none'."""
+    from sparsetorch.formats.checkpoint import write_compressed
+    from test_formats_quantized_layers import _quantize_model
+
+    model = tiny_llama(tie=tie)
+    layers = []
+    if pattern is not None:
+        layers = list(sparsetorch.prune(model, None, method="magnitude", pattern=pattern, progress=False).layers)
+    grids = _quantize_model(model, scheme, embed_scheme=embeddings)
+    write_compressed(model, tmp_path / "ours", layers, structure=pattern or "unstructured", codec="none", grids=grids)
+    expected = {k: v.contiguous() for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
+    save_file(expected, tmp_path / "expected.safetensors")
+    return tmp_path / "ours"
+
+
+@pytest.mark.parametrize("name", ["int8", "int8-asym", "int4", "int4-g32", "int4-g32-asym"])
+def test_compressed_tensors_reads_our_dense_quantized_weights_exactly(tmp_path, name):
+    from sparsetorch.quantize import parse_scheme
+
+    directory = _quantized_export(tmp_path, parse_scheme(name))
+    result = _ct("decompress", directory, tmp_path / "expected.safetensors")
+    assert result["mismatched"] == [] and result["checked"] == 21
+    assert result["dtypes"] == ["torch.float32"]  # float32 scales: it dequantizes in float32 too
+
+
+def test_compressed_tensors_reads_our_int8_embeddings_stored_once(tmp_path):
+    from sparsetorch.quantize import QuantScheme
+
+    directory = _quantized_export(tmp_path, QuantScheme(8), embeddings=QuantScheme(8), tie=True)
+    result = _ct("decompress", directory, tmp_path / "expected.safetensors")
+    assert result["mismatched"] == [] and result["checked"] == 20 and result["dtypes"] == ["torch.float32"]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_compressed_tensors_reads_our_sparse_int8_weights_in_half_precision(tmp_path, pattern):
+    from sparsetorch.quantize import QuantScheme
+
+    directory = _quantized_export(tmp_path, QuantScheme(8), pattern)
+    result = _ct("decompress", directory, tmp_path / "expected.safetensors")
+    # its sparse path gives the int8 codes an fp16 scale whatever the file holds: our weights, rounded to fp16
+    assert result["mismatched"] == [] and "torch.float16" in result["dtypes"]
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "int8-asym"])
+def test_compressed_tensors_refuses_sparse_combinations_it_cannot_read(tmp_path, name):
+    from sparsetorch.quantize import parse_scheme
+
+    directory = _quantized_export(tmp_path, parse_scheme(name), "unstructured")
+    result = _ct("decompress", directory, tmp_path / "expected.safetensors")
+    assert f"sparsetorch-bitmask-{name}" in result["error"]  # refused by name, never misread

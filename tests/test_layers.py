@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sparsetorch"
 # Each layer may import the layers before it, never those after it.
 LAYERS: list[set[str]] = [
     {"cache"},
-    {"patterns", "scores", "targets", "families", "data", "allocate"},
+    {"patterns", "scores", "targets", "families", "data", "allocate", "quantize"},
     {"formats"},
     {"kernels"},
     {"nn", "precision"},

@@ -110,6 +110,21 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str, def
                           "compressed-tensors 0.14 layout (default: zstd)")
 
 
+def _add_quantize_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quantization")
+    group.add_argument("--quantize", metavar="{int8,int4}",
+                       help="store the kept weights as integers: 'int8' (one scale per output channel) or 'int4' (one "
+                            "scale per --group-size input columns); full names such as int4-g64-asym work too. "
+                            "SparseGPT quantizes jointly with pruning (its sweep rounds each kept weight as it reaches "
+                            "it and corrects the columns after it for the error, GPTQ-style); the other methods, and "
+                            "any --refine or --reconstruct step after it, round to nearest. The embeddings become int8 "
+                            "per row too. Default: off, the model's dtype")
+    group.add_argument("--group-size", type=int, default=128,
+                       help="input columns sharing one scale with --quantize int4 (default: 128)")
+    group.add_argument("--keep-embeddings", action="store_true",
+                       help="with --quantize, leave the embeddings (and an untied lm_head) in the model's dtype")
+
+
 def _add_runtime_options(parser: argparse.ArgumentParser, default: str | None) -> None:
     from sparsetorch.runtime.config import POLICIES
 
@@ -147,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "loads (dense) plus its compressed form and sparsity.json.")
     prune.add_argument("model", nargs="?", help="local HF model directory (default: the bundled SmolLM2-135M-Instruct)")
     _add_prune_options(prune, "wanda")
+    _add_quantize_options(prune)
     _add_data_options(prune, calibration=True, evaluation=False)
     prune.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -334,6 +350,9 @@ def _config_from_args(args):
         depth_step=args.depth_step,
         refine=args.refine,
         reconstruct=None if args.reconstruct == "none" else args.reconstruct,
+        quantize=getattr(args, "quantize", None),  # `prune` has the quantization options, `demo` not
+        group_size=getattr(args, "group_size", 128),
+        quantize_embeddings=not getattr(args, "keep_embeddings", False),
     )
 
 
@@ -342,7 +361,8 @@ def _default_out(model_path: str | None, config, root: str = "pruned") -> Path:
 
     name = Path(model_path).name if model_path else DEMO_MODEL
     pattern = config.pattern.replace(":", "of") if ":" in config.pattern else f"{config.pattern}{round(config.sparsity * 100)}"
-    return Path(root) / f"{name}-{config.method}-{pattern}"
+    quantized = "" if config.quantize is None else f"-{config.quantize}"
+    return Path(root) / f"{name}-{config.method}-{pattern}{quantized}"
 
 
 def _existing_parent(out: Path) -> Path:
@@ -469,10 +489,12 @@ def _prune_into(args, config, out: Path) -> int:
     checkpoint = _resume_checkpoint(out, config, windows, model, args.restart)
     args.resume_dir = None if checkpoint is None else checkpoint.directory  # named if interrupted
     report = prune(model, windows, config, progress=not args.quiet, checkpoint=checkpoint)
+    quantized = "" if report.quantization is None else \
+        f", kept weights {config.quantize} ({report.quantization['method']})"
     print(f"pruned {len(report.layers)} layers with {config.method} ({config.pattern}) in {report.seconds:.1f} s: "
-          f"sparsity {report.sparsity:.2%}")
+          f"sparsity {report.sparsity:.2%}{quantized}")
     save_pruned(model, out, report.to_dict(), tokenizer=tokenizer, calibration=calibration, source=str(path),
-                codec=args.codec, overwrite=args.overwrite)
+                codec=args.codec, overwrite=args.overwrite, grids=report.grids or None)
     if checkpoint is not None:
         checkpoint.clear()
     dense, compressed = _sizes(out)
@@ -678,15 +700,16 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from sparsetorch.formats.checkpoint import atomic_directory, write_compressed
+    from sparsetorch.formats.checkpoint import atomic_directory, read_grids, write_compressed
     from sparsetorch.formats.pruned import load_pruned, read_sparsity, structure_name
 
     record = read_sparsity(args.model)
     _check_out(args.out, args.overwrite)
     model = load_pruned(args.model, compressed=True)
+    grids = read_grids(Path(args.model) / "compressed")  # a quantized model stays quantized
     with atomic_directory(args.out, overwrite=args.overwrite) as staging:
         weights = write_compressed(model, staging, record["layers"], structure=structure_name(record["pattern"]),
-                                   ignore=record["config"]["ignore"], codec=args.codec)
+                                   ignore=record["config"]["ignore"], codec=args.codec, grids=grids or None)
         for item in Path(args.model, "compressed").iterdir():  # tokenizer and chat template travel along
             if item.is_file() and not (staging / item.name).exists():
                 shutil.copy2(item, staging / item.name)

@@ -1,9 +1,10 @@
 """Drop-in modules that hold only compressed weights.
 
 `SparseLinear` computes `x W^T + b` like `nn.Linear`, but keeps W in one of the formats of
-`sparsetorch.formats` (N:M packed, bitmask or csr16) and multiplies with the kernels of
-`sparsetorch.kernels`: no dense weight and no dense mask exist at run time. In fp32 the
-result equals the dense layer's to rounding (a different summation order).
+`sparsetorch.formats` (N:M packed, bitmask or csr16, or any of them holding quantized codes,
+`QuantizedTensor`) and multiplies with the kernels of `sparsetorch.kernels`: no dense weight and
+no dense mask exist at run time. In fp32 the result equals the dense layer's to rounding (a
+different summation order); a quantized weight's equals that of its dequantized weight.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class SparseLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         parts = {name: buffer for name, buffer in self.named_buffers(recurse=False)}
-        self._weight = get_format(self.format).from_parts(parts, check=False)
+        self._weight = self._weight.with_parts(parts)
         self._runs = {}
         return self
 

@@ -31,7 +31,8 @@ __all__ = ["QuantGrid", "QuantScheme", "dequantize", "fake_quantize", "find_grid
            "quantize", "unpack_int4"]
 
 SCALE_DTYPE = torch.float16
-_TINY = 1e-8  # a group of zeros gets this scale instead of 0, so dividing by it is safe
+_TINY = 2.0**-24  # a group of zeros gets this scale instead of 0, so dividing by it is safe: fp16's smallest
+# subnormal (a smaller floor, such as 1e-8, rounds to a zero scale in fp16, and 0 / 0 is NaN)
 
 
 @dataclass(frozen=True)

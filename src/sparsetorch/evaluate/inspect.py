@@ -1,11 +1,14 @@
 """Per-layer sparsity of a saved model: a table and a heatmap.
 
 Reads `sparsity.json` when sparsetorch wrote the directory, else measures the zeros of
-every 2-D weight in its safetensors files, so any HF model directory can be inspected.
+every 2-D weight in its safetensors files, so any HF model directory can be inspected. For a
+directory with a compressed form, each layer also gets the bits per weight it is stored in
+(the bytes of its tensors there, quantized or not, entropy-coded or not, over its weights).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sparsetorch.formats.checkpoint import COMPRESSED_DIR, read_compressed_state_dict
+from sparsetorch.formats.checkpoint import COMPRESSED_DIR, read_compressed_state_dict, stored_bytes
 from sparsetorch.formats.pruned import SPARSITY_FILE, read_sparsity
 
 __all__ = ["LayerSparsity", "format_table", "layer_sparsity", "plot_sparsity"]
@@ -26,6 +29,7 @@ class LayerSparsity:
     name: str
     shape: tuple[int, ...]
     sparsity: float
+    bits: float | None = None  # stored bits per weight in the compressed form, where there is one
 
     @property
     def numel(self) -> int:
@@ -34,10 +38,14 @@ class LayerSparsity:
 
 def _from_record(directory: Path) -> list[LayerSparsity]:
     record = read_sparsity(directory)
-    return [
-        LayerSparsity(name, tuple(layer["shape"]), float(layer["sparsity"]))
-        for name, layer in record["layers"].items()
-    ]
+    compressed = directory / COMPRESSED_DIR
+    sizes = stored_bytes(compressed) if (compressed / "model.safetensors").is_file() else {}
+    rows = []
+    for name, layer in record["layers"].items():
+        shape = tuple(layer["shape"])
+        bits = 8 * sizes[name] / max(math.prod(shape), 1) if name in sizes else None
+        rows.append(LayerSparsity(name, shape, float(layer["sparsity"]), bits))
+    return rows
 
 
 def _from_weights(directory: Path) -> list[LayerSparsity]:
@@ -77,16 +85,20 @@ def layer_sparsity(directory: str | Path) -> list[LayerSparsity]:
 
 
 def format_table(rows: list[LayerSparsity]) -> str:
-    """A fixed-width text table with a total line weighted by layer size."""
+    """A fixed-width text table with a total line weighted by layer size (and a bits-per-weight
+    column when the rows know how they are stored)."""
     width = max([len(r.name) for r in rows] + [5])
-    lines = [f"{'layer':<{width}}  {'shape':>13}  {'sparsity':>8}", "-" * (width + 25)]
+    with_bits = bool(rows) and all(r.bits is not None for r in rows)
+    bits_head = f"  {'bits/w':>6}" if with_bits else ""
+    lines = [f"{'layer':<{width}}  {'shape':>13}  {'sparsity':>8}{bits_head}", "-" * (width + 25 + len(bits_head))]
     for r in rows:
         shape = "x".join(str(s) for s in r.shape)
-        lines.append(f"{r.name:<{width}}  {shape:>13}  {r.sparsity:>8.2%}")
+        lines.append(f"{r.name:<{width}}  {shape:>13}  {r.sparsity:>8.2%}" + (f"  {r.bits:>6.2f}" if with_bits else ""))
     total = sum(r.numel for r in rows)
     zeros = sum(r.sparsity * r.numel for r in rows)
-    lines.append("-" * (width + 25))
-    lines.append(f"{'total':<{width}}  {total:>13,}  {zeros / max(total, 1):>8.2%}")
+    bits = f"  {sum(r.bits * r.numel for r in rows) / max(total, 1):>6.2f}" if with_bits else ""
+    lines.append("-" * (width + 25 + len(bits_head)))
+    lines.append(f"{'total':<{width}}  {total:>13,}  {zeros / max(total, 1):>8.2%}{bits}")
     return "\n".join(lines)
 
 

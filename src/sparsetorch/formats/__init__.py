@@ -4,8 +4,10 @@ from sparsetorch.formats.base import SparseWeight
 from sparsetorch.formats.bitmask import BitmaskTensor, CorruptTensorError
 from sparsetorch.formats.checkpoint import CorruptFileError, read_compressed_state_dict, write_compressed
 from sparsetorch.formats.csr16 import Csr16Tensor
+from sparsetorch.formats.dense import DenseTensor
 from sparsetorch.formats.nm import NMTensor
 from sparsetorch.formats.pruned import load_pruned, read_sparsity, save_pruned
+from sparsetorch.formats.quantized import QuantizedTensor
 from sparsetorch.formats.registry import FORMATS, get_format, register_format
 
 __all__ = [
@@ -14,7 +16,9 @@ __all__ = [
     "CorruptFileError",
     "CorruptTensorError",
     "Csr16Tensor",
+    "DenseTensor",
     "NMTensor",
+    "QuantizedTensor",
     "SparseWeight",
     "get_format",
     "load_pruned",

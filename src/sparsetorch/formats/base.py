@@ -36,6 +36,7 @@ class SparseWeight:
 
     FORMAT: ClassVar[str]
     PARTS: ClassVar[tuple[str, ...]]
+    VALUES_PART: ClassVar[str] = "values"  # which of PARTS holds `values`
     shape: tuple[int, int]
     values: Tensor
 
@@ -63,6 +64,25 @@ class SparseWeight:
     @classmethod
     def from_parts(cls, parts: dict[str, Tensor], name: str = "weight", check: bool = True):
         raise NotImplementedError
+
+    def with_parts(self, parts: dict[str, Tensor]):
+        """The same weight over new tensors (moved or cast copies of `parts()`), unchecked.
+        Formats whose parts do not say everything about them (a quantized weight's scheme) override it."""
+        return type(self).from_parts(parts, check=False)
+
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape `values` must have for these index tensors (a structure's own parts, values aside)."""
+        raise NotImplementedError
+
+    def value_span(self, start: int, stop: int) -> tuple[int, int]:
+        """[first, last) of rows [start, stop)'s values in the flat, row-major order of `values`."""
+        raise NotImplementedError
+
+    @property
+    def kernel_format(self) -> str:
+        """The key kernels are registered under (`sparsetorch.kernels.registry`): the format name; a
+        quantized weight adds its value type ('bitmask-int8'), so each combination gets its own kernels."""
+        return self.FORMAT
 
     def state_dict(self, prefix: str) -> dict[str, Tensor]:
         """The parts under `<prefix>.<part>` (`prefix` is the module name, without `.weight`)."""

@@ -39,7 +39,7 @@ def pack_bits(mask: Tensor) -> Tensor:
 def unpack_bits(packed: Tensor, cols: int) -> Tensor:
     """Inverse of `pack_bits`: (rows, ceil(cols / 8)) uint8 -> (rows, cols) bool."""
     bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS).ne(0)  # (rows, bytes, 8)
-    return bits.reshape(packed.shape[0], -1)[:, :cols]
+    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :cols]
 
 
 @register_format("bitmask")
@@ -54,6 +54,7 @@ class BitmaskTensor(SparseWeight):
     """
 
     PARTS = BITMASK_KEYS
+    VALUES_PART = "compressed"
 
     shape: tuple[int, int]
     values: Tensor
@@ -71,6 +72,9 @@ class BitmaskTensor(SparseWeight):
             row_offsets=torch.cumsum(row_counts, 0) - row_counts,
         )
 
+    def stored_shape(self) -> tuple[int, ...]:
+        return (int(unpack_bits(self.bitmask, self.shape[1]).sum()),)
+
     def mask(self) -> Tensor:
         """(rows, cols) bool: where the stored values go."""
         return unpack_bits(self.bitmask, self.shape[1])
@@ -80,11 +84,15 @@ class BitmaskTensor(SparseWeight):
         dense[self.mask()] = self.values
         return dense
 
+    def value_span(self, start: int, stop: int) -> tuple[int, int]:
+        first = int(self.row_offsets[start]) if start < self.shape[0] else self.values.numel()
+        last = int(self.row_offsets[stop]) if stop < self.shape[0] else self.values.numel()
+        return first, last
+
     def dense_rows(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) of the dense weight, without expanding the others."""
         rows = torch.zeros(stop - start, self.shape[1], dtype=self.values.dtype, device=self.values.device)
-        first = int(self.row_offsets[start]) if start < self.shape[0] else self.values.numel()
-        last = int(self.row_offsets[stop]) if stop < self.shape[0] else self.values.numel()
+        first, last = self.value_span(start, stop)
         rows[unpack_bits(self.bitmask[start:stop], self.shape[1])] = self.values[first:last]
         return rows
 

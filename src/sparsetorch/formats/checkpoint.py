@@ -4,14 +4,17 @@
       config.json, model.safetensors, tokenizer files   plain `transformers` loads this (dense)
       sparsity.json                                      per-layer sparsity, method, calibration
       compressed/
-        config.json       with compressed-tensors' `quantization_config.sparsity_config`
-        model.safetensors  sparse-bitmask layout; with codec 'zstd' each tensor is also
-                           losslessly entropy-coded (`sparsetorch.formats.codec`)
-        sparsetorch.json   codec, tied weights and the SHA-256 of each file
+        config.json        with compressed-tensors' `quantization_config.sparsity_config` (and its
+                           `config_groups` when layers are quantized)
+        model.safetensors  sparse-bitmask layout, quantized layers as `formats.quantized` lays them
+                           out; with codec 'zstd' each tensor is also losslessly entropy-coded
+                           (`sparsetorch.formats.codec`)
+        sparsetorch.json   codec, tied weights, quantized layers and the SHA-256 of each file
 
 With `codec='none'` the compressed directory is exactly what compressed-tensors 0.14
-reads. Everything is written to a temporary directory beside `out` and renamed into
-place at the end, so an interrupted save never leaves a half-written `out`.
+reads (for quantized layers: the combinations `formats.quantized_layers` lists).
+Everything is written to a temporary directory beside `out` and renamed into place at
+the end, so an interrupted save never leaves a half-written `out`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +35,16 @@ from torch import Tensor, nn
 
 from sparsetorch.formats import codec as codecs
 from sparsetorch.formats.bitmask import BitmaskTensor, CorruptTensorError
+from sparsetorch.formats.quantized_layers import (
+    ct_quantization_config,
+    part_keys,
+    quantize_layers,
+    read_quantized,
+    record_dtype,
+    records_from_config,
+)
 from sparsetorch.formats.tensorfile import TensorFile, TensorFileError
+from sparsetorch.quantize import QuantGrid
 
 __all__ = [
     "COMPRESSED_DIR",
@@ -42,8 +54,10 @@ __all__ = [
     "load_compressed_model",
     "open_compressed",
     "read_compressed_state_dict",
+    "read_grids",
     "remove_stale_staging",
     "sha256_file",
+    "stored_bytes",
     "write_compressed",
 ]
 
@@ -143,7 +157,8 @@ def _unique_state(model: nn.Module, keep: set[str] = frozenset()) -> tuple[dict[
     return {name: state[name] for name in tensors if name in state}, tied
 
 
-def _compressed_tensors_config(model: nn.Module, structure: str, ignore: Iterable[str], sparsity: float) -> dict:
+def _compressed_tensors_config(model: nn.Module, structure: str, ignore: Iterable[str], sparsity: float,
+                               quantized: dict[str, dict[str, str]], has_sparse: bool = True) -> dict:
     config = model.config.to_dict() if hasattr(model, "config") else {}
     config.pop("quantization_config", None)
     config["quantization_config"] = {
@@ -159,6 +174,10 @@ def _compressed_tensors_config(model: nn.Module, structure: str, ignore: Iterabl
             "ignore": list(ignore),
         },
     }
+    if not has_sparse:  # compressed-tensors reads {} as "no sparsity" and skips its sparse decompressor
+        config["quantization_config"]["sparsity_config"] = {}
+    if quantized:
+        config["quantization_config"].update(ct_quantization_config(quantized))
     return config
 
 
@@ -170,6 +189,7 @@ def write_compressed(
     structure: str = "unstructured",
     ignore: Iterable[str] = ("lm_head",),
     codec: str = "zstd",
+    grids: Mapping[str, QuantGrid] | None = None,
 ) -> Path:
     """Write `model` to `directory` in sparse-bitmask layout; return the weights file.
 
@@ -177,15 +197,28 @@ def write_compressed(
         sparse_layers: module names whose `.weight` is stored as a bitmask; the rest stay dense.
         structure: compressed-tensors' `sparsity_structure` ('unstructured' or 'N:M').
         codec: 'zstd' (smaller, sparsetorch reads it) or 'none' (compressed-tensors reads it).
+        grids: module name -> the `QuantGrid` its weight lies on: that weight is stored as integer
+            codes (`formats.quantized`), in the bitmask structure if it is a sparse layer, else dense.
+
+    Raises:
+        ValueError: unknown codec, or a gridded weight not exactly on its grid (quantize it first).
     """
     if codec not in codecs.CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose one of {list(codecs.CODECS)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sparse_layers = list(sparse_layers)
-    state, tied = _unique_state(model, keep={f"{name}.weight" for name in sparse_layers})
-    tensors: dict[str, Tensor] = {}
+    sparse_layers, grids = list(sparse_layers), dict(grids or {})
+    state, tied = _unique_state(model, keep={f"{name}.weight" for name in [*grids, *sparse_layers]})
+    unknown = [name for name in grids if f"{name}.weight" not in state and f"{name}.weight" not in tied]
+    if unknown:
+        raise ValueError(f"grids name modules without a weight in this model: {unknown[:5]}; "
+                         "use module names such as 'model.layers.0.mlp.down_proj'")
     zeros = total = 0
+    for name in sparse_layers:
+        if name in grids and f"{name}.weight" in state:
+            weight = state[f"{name}.weight"]
+            zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
+    tensors, quantized = quantize_layers(state, grids, set(sparse_layers))
     for name in sparse_layers:
         if f"{name}.weight" not in state:  # tied to another sparse layer, stored once under its name
             continue
@@ -202,9 +235,12 @@ def write_compressed(
         metadata[_CODEC_KEY] = json.dumps({"codec": "zstd-byteplanes", "tensors": layout})
     weights = directory / WEIGHTS_FILE
     save_file(tensors, weights, metadata=metadata)
-    config = _compressed_tensors_config(model, structure, ignore, zeros / total if total else 0.0)
+    config = _compressed_tensors_config(model, structure, ignore, zeros / total if total else 0.0, quantized,
+                                        has_sparse=bool(sparse_layers))
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     manifest = {"codec": codec, "tied": tied, "files": {WEIGHTS_FILE: sha256_file(weights)}}
+    if quantized:
+        manifest["quantized"] = quantized
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return weights
 
@@ -226,11 +262,34 @@ def _verify_checksums(directory: Path) -> dict:
 class CompressedReader:
     """The tensors of a compressed weights file, read and decoded one at a time (see `open_compressed`)."""
 
-    def __init__(self, file: TensorFile, path: Path, layout: dict | None, tied: dict[str, str]) -> None:
+    def __init__(self, file: TensorFile, path: Path, layout: dict | None, tied: dict[str, str],
+                 quantized: dict[str, dict[str, str]] | None = None) -> None:
         self._file, self.path, self._layout, self.tied = file, path, layout, tied
+        self.quantized = quantized or {}  # module name -> {"structure", "scheme", "dtype"}
+
+    def quantized_weight(self, prefix: str):
+        """The `QuantizedTensor` stored under `prefix`, read and checked.
+
+        Raises:
+            CorruptFileError: its tensors are missing, damaged or disagree.
+        """
+        record = self.quantized[prefix]
+        tensors = {key: self.tensor(key) for key in part_keys(prefix, record) if key in self.keys()}
+        try:
+            return read_quantized(tensors, prefix, record)
+        except CorruptTensorError as err:
+            raise CorruptFileError(f"{self.path}: {err}") from None
+
+    def quantized_keys(self) -> set[str]:
+        """Every tensor name that belongs to a quantized layer."""
+        return {key for prefix, record in self.quantized.items() for key in part_keys(prefix, record)}
 
     def keys(self) -> list[str]:
         return self._file.keys()
+
+    def nbytes(self, key: str) -> int:
+        """Bytes `key` occupies in the file (coded, with codec 'zstd')."""
+        return self._file.nbytes(key)
 
     def tensor(self, key: str) -> Tensor:
         """The tensor `key`, decoded. Read with plain file reads, and decoded as it streams in, so
@@ -276,24 +335,40 @@ def open_compressed(directory: Path) -> Iterator[CompressedReader]:
         except TensorFileError as err:
             raise CorruptFileError(f"{path} is truncated or not a safetensors file ({err})") from None
         layout = json.loads(file.metadata[_CODEC_KEY])["tensors"] if _CODEC_KEY in file.metadata else None
-        yield CompressedReader(file, path, layout, manifest.get("tied", {}))
+        quantized = manifest.get("quantized") or _quantized_from_config(directory, file.keys())
+        yield CompressedReader(file, path, layout, manifest.get("tied", {}), quantized)
+
+
+def _quantized_from_config(directory: Path, keys: list[str]) -> dict[str, dict[str, str]]:
+    """The quantized layers a directory without `sparsetorch.json` has, from its config.json."""
+    config_path = directory / "config.json"
+    if not any(key.endswith(".weight_scale") for key in keys):
+        return {}
+    try:
+        return records_from_config(json.loads(config_path.read_text()) if config_path.exists() else {}, keys)
+    except CorruptTensorError as err:
+        raise CorruptFileError(f"{directory}: {err}") from None
 
 
 def read_compressed_state_dict(directory: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Dense state dict from a compressed directory (ours or compressed-tensors'), checked.
 
     Returns:
-        (state dict with every sparse-bitmask weight expanded, tied alias -> name map).
+        (state dict with every sparse-bitmask weight expanded and every quantized one dequantized
+        to the dtype it was stored from, tied alias -> name map).
 
     Raises:
         FileNotFoundError: no weights file.
         CorruptFileError: checksum mismatch, truncated file, or inconsistent tensors.
     """
+    state = {}
     with open_compressed(directory) as reader:
-        tensors = {key: reader.tensor(key) for key in reader.keys()}
+        for prefix, record in reader.quantized.items():
+            state[f"{prefix}.weight"] = reader.quantized_weight(prefix).to_dense().to(record_dtype(record))
+        used = reader.quantized_keys()
+        tensors = {key: reader.tensor(key) for key in reader.keys() if key not in used}
         path, tied = reader.path, reader.tied
     prefixes = [key.removesuffix(".bitmask") for key in tensors if key.endswith(".bitmask")]
-    state = {}
     try:
         for prefix in prefixes:
             state[f"{prefix}.weight"] = BitmaskTensor.from_state_dict(tensors, prefix).to_dense()
@@ -302,6 +377,32 @@ def read_compressed_state_dict(directory: Path) -> tuple[dict[str, Tensor], dict
     packed = {f"{p}.{k}" for p in prefixes for k in ("shape", "compressed", "bitmask", "row_offsets")}
     state.update({key: value for key, value in tensors.items() if key not in packed})
     return state, tied
+
+
+def read_grids(directory: Path) -> dict[str, QuantGrid]:
+    """The grid of every quantized layer of a compressed directory: what `write_compressed(grids=...)`
+    needs to write its model again (e.g. with another codec) without losing the quantization.
+
+    Raises:
+        FileNotFoundError / CorruptFileError: see `read_compressed_state_dict`.
+    """
+    with open_compressed(directory) as reader:
+        return {prefix: reader.quantized_weight(prefix).grid for prefix in reader.quantized}
+
+
+def stored_bytes(directory: Path) -> dict[str, int]:
+    """Bytes each module's tensors occupy in a compressed directory's weights file, by module name
+    (`model.layers.0.mlp.up_proj`: its bitmask, values, offsets, scales ...), read from the header only.
+
+    Raises:
+        FileNotFoundError / CorruptFileError: see `open_compressed`.
+    """
+    sizes: dict[str, int] = {}
+    with open_compressed(directory) as reader:
+        for key in reader.keys():
+            module = key.rpartition(".")[0]
+            sizes[module] = sizes.get(module, 0) + reader.nbytes(key)
+    return sizes
 
 
 def load_compressed_model(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:

@@ -56,9 +56,15 @@ class Csr16Tensor(SparseWeight):
         row_ptr[1:] = mask.sum(dim=1).cumsum(0)
         return cls((rows, cols), values, mask.nonzero()[:, 1].to(torch.uint16), row_ptr)
 
+    def stored_shape(self) -> tuple[int, ...]:
+        return (int(self.row_ptr[-1]),)
+
+    def value_span(self, start: int, stop: int) -> tuple[int, int]:
+        return int(self.row_ptr[start]), int(self.row_ptr[stop])
+
     def dense_rows(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) of the dense weight, without expanding the others."""
-        first, last = int(self.row_ptr[start]), int(self.row_ptr[stop])
+        first, last = self.value_span(start, stop)
         counts = self.row_ptr[start + 1:stop + 1] - self.row_ptr[start:stop]
         row_of = torch.repeat_interleave(torch.arange(stop - start, device=counts.device), counts)
         rows = torch.zeros(stop - start, self.shape[1], dtype=self.values.dtype, device=self.values.device)

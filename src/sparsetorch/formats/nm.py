@@ -50,7 +50,7 @@ def unpack_indices(packed: Tensor, bits: int, k: int) -> Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
     fields = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (rows, bytes, per_byte)
-    return fields.reshape(packed.shape[0], -1)[:, :k].to(torch.int64)
+    return fields.reshape(packed.shape[0], packed.shape[1] * per_byte)[:, :k].to(torch.int64)
 
 
 @register_format("nm")
@@ -110,17 +110,24 @@ class NMTensor(SparseWeight):
         """(rows, groups, n) int64 in-group positions of rows [start, stop)."""
         stop = self.shape[0] if stop is None else stop
         flat = unpack_indices(self.indices[start:stop], index_bits(self.m), self.values.shape[1])
-        return flat.view(stop - start, -1, self.n)
+        return flat.view(stop - start, self.values.shape[1] // self.n, self.n)
 
     def dense_rows(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) of the dense weight, without expanding the others."""
         cols = self.shape[1]
         rows = torch.zeros(stop - start, cols // self.m, self.m, dtype=self.values.dtype, device=self.values.device)
-        values = self.values[start:stop].view(stop - start, -1, self.n)
+        values = self.values[start:stop].view(stop - start, cols // self.m, self.n)
         return rows.scatter_(-1, self.positions(start, stop).to(rows.device), values).view(stop - start, cols)
 
     def to_dense(self) -> Tensor:
         return self.dense_rows(0, self.shape[0])
+
+    def stored_shape(self) -> tuple[int, ...]:
+        return self.shape[0], self.shape[1] // self.m * self.n
+
+    def value_span(self, start: int, stop: int) -> tuple[int, int]:
+        kept = self.shape[1] // self.m * self.n
+        return start * kept, stop * kept
 
     def parts(self) -> dict[str, Tensor]:
         return {"shape": shape_tensor(self.shape), "nm": torch.tensor([self.n, self.m]), "values": self.values,

@@ -27,6 +27,7 @@ from sparsetorch.formats.checkpoint import (
     sha256_file,
     write_compressed,
 )
+from sparsetorch.quantize import QuantGrid
 
 __all__ = ["SPARSITY_FILE", "load_pruned", "read_sparsity", "save_pruned", "structure_name", "verify_dense"]
 
@@ -49,6 +50,7 @@ def save_pruned(
     codec: str = "zstd",
     overwrite: bool = False,
     finish: Callable[[Path], None] | None = None,
+    grids: Mapping[str, QuantGrid] | None = None,
 ) -> Path:
     """Write a pruned model to `out`: dense HF weights, compressed weights and sparsity.json.
 
@@ -65,10 +67,14 @@ def save_pruned(
         overwrite: replace an existing `out`; otherwise an existing `out` is an error.
         finish: called with the staging directory once everything is written, to add
             files (reports, plots) that appear together with the model or not at all.
+        grids: module name ('model.layers.0.mlp.down_proj', 'model.embed_tokens') -> the
+            `QuantGrid` its weight lies on (`PruneReport.grids`): the compressed form stores those
+            weights as integer codes (`formats.quantized`); the dense form holds their values.
 
     Raises:
         TypeError: `report` is not a mapping (e.g. a `PruneReport` itself).
         FileExistsError: `out` exists and overwrite is False (nothing is written).
+        ValueError: a weight named in `grids` is not exactly on its grid (nothing is written).
 
     Example:
         >>> save_pruned(model, "smollm2-50", report.to_dict(), tokenizer=tokenizer)
@@ -89,12 +95,15 @@ def save_pruned(
             structure=structure_name(report["pattern"]),
             ignore=report["config"]["ignore"],
             codec=codec,
+            grids=grids,
         )
         if tokenizer is not None:
             tokenizer.save_pretrained(compressed)
         record = dict(report)  # a copy: the caller's dict stays as it was
         record["source_model"] = source
         record["calibration"] = calibration
+        if grids:
+            record["quantized"] = {name: grid.scheme.name for name, grid in grids.items()}
         record["files"] = {
             "dense": WEIGHTS_FILE,
             "compressed": f"{COMPRESSED_DIR}/{WEIGHTS_FILE}",

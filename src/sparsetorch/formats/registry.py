@@ -7,9 +7,12 @@ A format is a frozen dataclass holding one (out, in) weight compressed. Every fo
     from_dense(dense, ...)       compress a dense weight with zeros
     to_dense()                   the exact dense weight back
     dense_rows(start, stop)      dense rows [start, stop) only (bounded memory for fallbacks)
+    value_span(start, stop)      where rows [start, stop)'s values lie in the flat `values`
+    stored_shape()               the shape `values` must have for its index tensors
     parts() / from_parts(parts)  its tensors by short name, checked on the way in
     state_dict(prefix)           parts under `<prefix>.<name>`, for safetensors files
     nbytes                       bytes it occupies
+    kernel_format                the key its kernels are registered under (FORMAT, or e.g. 'nm-int4')
 """
 
 from __future__ import annotations

@@ -75,6 +75,11 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def nbytes(self, key: str) -> int:
+        """Bytes `key` occupies in the file (for an entropy-coded tensor: its coded size)."""
+        begin, end = self._entries[key]["data_offsets"]
+        return end - begin
+
     def open_bytes(self, key: str) -> io.RawIOBase:
         """A read-only file object over `key`'s bytes only, to stream them without loading them all."""
         begin, end = self._entries[key]["data_offsets"]

@@ -28,7 +28,7 @@ def check_backend(backend: str) -> None:
 def kernel_name(weight, x: Tensor, backend: str = "auto", op: str = "linear") -> str:
     """Which kernel `bind_kernel` picks: 'cuda', an ISA name, or 'torch'."""
     check_backend(backend)
-    key = (weight.FORMAT, op)
+    key = (weight.kernel_format, op)
     if x.is_cuda:
         return "cuda" if key in CUDA and CUDA.get(*key).supports(weight, x) else "torch"
     if backend == "torch" or key not in CPU or not CPU.get(*key).supports(weight, x):
@@ -48,7 +48,7 @@ def bind_kernel(weight, x: Tensor, backend: str = "auto", op: str = "linear") ->
         >>> y = run(x, bias)  # (batch, in) -> (batch, out)
     """
     name = kernel_name(weight, x, backend, op)
-    key = (weight.FORMAT, op)
+    key = (weight.kernel_format, op)
     if name == "cuda":
         return CUDA.get(*key).bind(weight, None)
     if name == "torch":

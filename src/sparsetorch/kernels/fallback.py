@@ -1,8 +1,9 @@
 """Pure-PyTorch kernels: correct everywhere, fast nowhere.
 
 They serve when no C++ kernel can (no compiler, another dtype, a layout the C++ code does not
-cover): each weight is expanded a block of rows at a time and multiplied with `F.linear`, so
-no full dense weight ever exists and the result matches the dense layer to rounding.
+cover, quantized values): each weight is expanded (and dequantized) a block of rows at a time
+and multiplied with `F.linear`, so no full dense weight ever exists and the result matches the
+dense layer to rounding.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from torch import Tensor
 
 from sparsetorch.formats.bitmask import BitmaskTensor
 from sparsetorch.formats.csr16 import Csr16Tensor
+from sparsetorch.formats.dense import DenseTensor
 from sparsetorch.formats.nm import NMTensor
+from sparsetorch.formats.quantized import QUANTIZED_KERNEL_FORMATS
 from sparsetorch.kernels.registry import TORCH, Run
 
 __all__ = ["ROW_BLOCK_ELEMENTS", "bind_blockwise", "blockwise_linear"]
@@ -36,5 +39,7 @@ def bind_blockwise(weight, isa: str | None = None) -> Run:
     return lambda x, bias: blockwise_linear(x, weight, bias)
 
 
-for _format in (BitmaskTensor, Csr16Tensor, NMTensor):
+for _format in (BitmaskTensor, Csr16Tensor, NMTensor, DenseTensor):
     TORCH.register(_format.FORMAT, "linear")(bind_blockwise)
+for _kernel_format in QUANTIZED_KERNEL_FORMATS:  # 'bitmask-int8', 'nm-int4', ...: dequantize a block, multiply
+    TORCH.register(_kernel_format, "linear")(bind_blockwise)

@@ -1,5 +1,9 @@
 """Kernel registries: one per backend, keyed by (format, op), filled by decorators.
 
+The format key is the weight's `kernel_format`: its format name ('bitmask', 'nm', 'csr16'), or
+for quantized values the structure and value type ('bitmask-int8', 'nm-int4'), so a kernel for
+one combination is added without touching the others.
+
     @CPU.register("nm", "linear", supports=is_2_4)
     def nm_linear(weight, isa):          # bind once per weight, device and dtype ...
         return lambda x, bias: ...       # ... and run on every call: (batch, in) -> (batch, out)

@@ -6,7 +6,7 @@ from sparsetorch.oneshot.lockstep import MixedInputs, PrunedInputs
 from sparsetorch.oneshot.pipeline import prune
 from sparsetorch.oneshot.report import LayerReport, PruneReport
 from sparsetorch.oneshot.solvers import SOLVERS, Solver, SolverOptions, get_solver, register_solver
-from sparsetorch.oneshot.sparsegpt import sparsegpt_prune
+from sparsetorch.oneshot.sparsegpt import sparsegpt_prune, sparsegpt_quantize_many
 from sparsetorch.oneshot.stats import Gram, InputSqNorms, Statistic
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "register_layer_inputs",
     "register_solver",
     "sparsegpt_prune",
+    "sparsegpt_quantize_many",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from sparsetorch.allocate import ALLOCATIONS, check_spread
 from sparsetorch.oneshot.calibrate import LAYER_INPUTS
@@ -10,6 +10,7 @@ from sparsetorch.oneshot.solvers import SolverOptions, get_solver
 from sparsetorch.oneshot.stats import Gram, Statistic
 from sparsetorch.patterns import Block, Pattern, parse_pattern
 from sparsetorch.precision import CALIB_DTYPES
+from sparsetorch.quantize import QuantScheme, parse_scheme
 
 __all__ = ["DEFAULT_PATTERNS", "PruneConfig"]
 
@@ -64,6 +65,17 @@ class PruneConfig:
             each row's support, `oneshot/reconstruct.py`); 'block' does that and then trains each
             block's kept weights a few steps so the block's output matches the dense block's.
             Both gather the Gram matrix XᵀX, as SparseGPT does, whatever the method.
+        quantize: None (default: weights stay in the model's dtype), 'int8' (one scale per output
+            channel), 'int4' (one scale per `group_size` input columns), or a full name such as
+            'int4-g64-asym' (see `sparsetorch.quantize.parse_scheme`); stored as the full name.
+            SparseGPT then quantizes jointly with pruning (its sweep rounds each kept weight as it
+            reaches it and spreads the rounding error too, GPTQ-style); the other methods round to
+            nearest after pruning. Any step that changes weights afterwards (refine, reconstruct)
+            is followed by round-to-nearest on the final weights (`oneshot/quantized.py`).
+        group_size: input columns per scale for 'int4' (a name with '-gN' sets it instead).
+        quantize_embeddings: with `quantize`, also round the input embeddings (and an untied
+            output embedding) to int8 per row, round-to-nearest, after all blocks: file-size
+            comparisons count the whole model.
 
     Example:
         >>> PruneConfig(method="sparsegpt", pattern="2:4").sparsity
@@ -89,6 +101,9 @@ class PruneConfig:
     layer_sparsity: dict[str, float] | None = None
     refine: str | None = None
     reconstruct: str | None = None
+    quantize: str | None = None
+    group_size: int = 128
+    quantize_embeddings: bool = True
 
     def __post_init__(self) -> None:
         get_solver(self.method)
@@ -123,6 +138,7 @@ class PruneConfig:
             raise ValueError(f"reconstruct must be one of {list(RECONSTRUCTS)}, got {self.reconstruct!r}")
         if self.refine == "dsnot" and isinstance(pattern, Block):
             raise ValueError(f"refine='dsnot' swaps single weights; pattern {pattern.spec} prunes whole blocks")
+        self._check_quantize()
 
     def _check_allocation(self, pattern: Pattern) -> None:
         if self.allocation not in ALLOCATIONS:
@@ -139,6 +155,38 @@ class PruneConfig:
             spread = dict(self.layer_sparsity)
             object.__setattr__(self, "layer_sparsity", spread)
             check_spread(spread.values(), "layer_sparsity")
+
+    def _check_quantize(self) -> None:
+        """Validate `quantize` and `group_size`, and store `quantize` as its scheme's full name."""
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"group_size must be an integer >= 2 (input columns per scale), got {self.group_size!r}")
+        if not isinstance(self.quantize_embeddings, bool):
+            raise ValueError(f"quantize_embeddings must be True or False, got {self.quantize_embeddings!r}")
+        if self.quantize is None:
+            return
+        if not isinstance(self.quantize, str):
+            raise ValueError(f"quantize must be None or a name such as 'int8', 'int4', 'int4-g64-asym', "
+                             f"got {self.quantize!r}")
+        try:
+            scheme = parse_scheme(self.quantize)
+        except ValueError as err:
+            hint = "" if "use int8" in str(err) else "; use int8, int4, or a name such as int4-g128 or int4-g64-asym"
+            raise ValueError(f"quantize={self.quantize!r}: {err}{hint}") from None
+        if scheme.bits == 4 and scheme.group_size is None:
+            scheme = replace(scheme, group_size=self.group_size)
+        if scheme.group_size is not None:
+            object.__setattr__(self, "group_size", scheme.group_size)
+        object.__setattr__(self, "quantize", scheme.name)
+
+    @property
+    def scheme(self) -> QuantScheme | None:
+        """The value grid of the pruned layers' kept weights, or None when they stay unquantized.
+
+        Example:
+            >>> PruneConfig(quantize="int4", group_size=64).scheme.name
+            'int4-g64'
+        """
+        return None if self.quantize is None else parse_scheme(self.quantize)
 
     @property
     def pattern_obj(self) -> Pattern:
@@ -157,8 +205,15 @@ class PruneConfig:
             return Gram
         return get_solver(self.method).statistic
 
+    @property
+    def joint_quantization(self) -> bool:
+        """Whether the method quantizes inside its own solve (SparseGPT's joint mode) rather than
+        the pipeline rounding its weights to nearest afterwards."""
+        return self.quantize is not None and get_solver(self.method).quantizes
+
     def solver_options(self) -> SolverOptions:
-        return SolverOptions(dampening=self.dampening, block_size=self.block_size, seed=self.seed)
+        return SolverOptions(dampening=self.dampening, block_size=self.block_size, seed=self.seed,
+                             quantize=self.scheme if self.joint_quantization else None)
 
     def to_dict(self) -> dict:
         """Plain JSON types; `PruneConfig.from_dict` reads it back equal."""

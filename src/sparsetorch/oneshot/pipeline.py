@@ -6,6 +6,9 @@
    default from the dense block's activations, as the papers do).
 3. The pruned block's outputs are block i+1's inputs.
 
+With `quantize`, each layer's weights end on a value grid as the last step of its pruning, and
+the embeddings after the last block (`quantized.py` gives the order).
+
 Calibration windows run in small batches, which keep a block's tensors in cache. Peak memory is
 one block plus the calibration activations, never the whole model's.
 """
@@ -26,6 +29,7 @@ from sparsetorch.oneshot.calibrate import LAYER_INPUTS, BlockWork
 from sparsetorch.oneshot.capture import BlockBatches, block_batches, calibration_model, model_forward
 from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.outliers import block_outlier_ratios
+from sparsetorch.oneshot.quantized import quantization_record, quantize_embeddings, round_layer
 from sparsetorch.oneshot.reconstruct import BlockFit, reconstruct_block, refit_layer
 from sparsetorch.oneshot.refine import dsnot
 from sparsetorch.oneshot.report import LayerReport, PruneReport
@@ -33,6 +37,7 @@ from sparsetorch.oneshot.resume import ResumeCheckpoint
 from sparsetorch.oneshot.solvers import get_solver
 from sparsetorch.oneshot.stats import Statistic
 from sparsetorch.precision import calibration_precision, full_precision
+from sparsetorch.quantize import QuantGrid
 from sparsetorch.targets import find_targets, is_conv1d, set_weight_matrix, weight_matrix
 
 __all__ = ["prune"]
@@ -60,7 +65,8 @@ def prune(
             an earlier interrupted run of the same configuration and calibration data.
 
     Returns:
-        PruneReport with per-layer sparsity, keep masks and timings.
+        PruneReport with per-layer sparsity, keep masks and timings (and with `quantize`, the
+        value grid of every quantized module).
 
     Raises:
         ValueError: bad options, calibration missing or malformed, a layer shape that
@@ -77,6 +83,7 @@ def prune(
         raise TypeError(f"pass either config or keyword options, not both (got {sorted(options)})")
     targets = find_targets(model, config.targets, config.ignore)
     _check_shapes(targets, config)
+    _check_quantizable(targets, config)
     started = time.perf_counter()
     with torch.no_grad():
         if not config.calibrated:
@@ -89,6 +96,7 @@ def prune(
             runner, targets = calibration_model(model, targets, calibration.shape[-1], config.blocks)
             pruner = _LayerPruner(config, targets)
             _prune_with_calibration(runner, calibration, config, pruner, progress, checkpoint)
+        pruner.quantize_embeddings(model)
     return pruner.report(time.perf_counter() - started)
 
 
@@ -105,6 +113,18 @@ def _check_shapes(targets: dict[str, nn.Module], config: PruneConfig) -> None:
         first, reason = next(iter(errors.items()))
         raise ValueError(f"layer {first}: {reason}; {len(errors)} layer(s) cannot take {config.pattern}: leave them "
                          f"dense with ignore={list(errors)}")
+
+
+def _check_quantizable(targets: dict[str, nn.Module], config: PruneConfig) -> None:
+    """Quantized weights must be exactly on their grids, which only float32 holds (an int4 code times an
+    fp16 scale needs up to 15 significant bits; bfloat16 has 8)."""
+    if config.quantize is None:
+        return
+    for name, module in targets.items():
+        if module.weight.dtype != torch.float32:
+            raise ValueError(f"quantize={config.quantize!r} needs float32 weights to hold grid values exactly; "
+                             f"{name} is {module.weight.dtype}: load the model with dtype=torch.float32 (the "
+                             "stored form is integer codes either way)")
 
 
 def _check_calibration(calibration: Tensor | None, model: nn.Module) -> Tensor:
@@ -144,6 +164,9 @@ class _LayerPruner:
         self.masks: dict[str, Tensor] = {}
         self.sparsity: dict[str, float] = {name: config.sparsity for name in targets}  # see `_allocate`
         self.block_fits: dict[int, BlockFit] = {}
+        self.scheme = config.scheme
+        self.grids: dict[str, QuantGrid] = {}
+        self.embeddings: list[str] = []
 
     def pending(self, within: nn.Module) -> set[nn.Module]:
         return {m for m in within.modules() if m in self.names and self.names[m] not in self.layers}
@@ -156,12 +179,14 @@ class _LayerPruner:
         sparsity = self.sparsity[self.names[modules[0]]]  # layers sharing an input sit in one block
         with full_precision(weights[0].device):  # even inside a caller's autocast context
             results = self.solver.solve(weights, stat, self.pattern, sparsity, options)
-            results = [self._improve(dense, *result, stat) for dense, result in zip(weights, results)]
+            results = [self._improve(dense, result, stat) for dense, result in zip(weights, results)]
         seconds = (time.perf_counter() - started) / len(modules)
-        for module, weight, (new_weight, keep) in zip(modules, weights, results):
+        for module, weight, (new_weight, keep, grid) in zip(modules, weights, results):
             set_weight_matrix(module, new_weight)
             name = self.names[module]
             self.masks[name] = keep
+            if grid is not None:
+                self.grids[name] = grid
             zeros = weight.numel() - int(torch.count_nonzero(new_weight))
             self.layers[name] = LayerReport(
                 name=name,
@@ -171,13 +196,52 @@ class _LayerPruner:
                 seconds=seconds,
             )
 
-    def _improve(self, dense: Tensor, weight: Tensor, keep: Tensor, stat: Statistic | None) -> tuple[Tensor, Tensor]:
-        """The steps after the method: refine the mask, then refit the kept weights (see PruneConfig)."""
+    def _improve(self, dense: Tensor, result: tuple[Tensor, ...], stat: Statistic | None
+                 ) -> tuple[Tensor, Tensor, QuantGrid | None]:
+        """The steps after the method: refine the mask, refit the kept weights (see PruneConfig), then
+        with `quantize` round them to nearest, unless the method's own grid still holds them."""
+        weight, keep, grid = (*result, None) if len(result) == 2 else result
+        solved = weight
         if self.config.refine == "dsnot":
             weight, keep = dsnot(dense.float(), weight.float(), keep, stat, self.pattern)
         if self.config.reconstruct is not None:
             weight = refit_layer(dense.float(), weight.float(), keep, stat.value, dampening=self.config.dampening)
-        return weight, keep
+        if self.scheme is not None and (grid is None or not (weight is solved or torch.equal(weight, solved))):
+            weight, grid = round_layer(weight, keep, self.scheme)
+        return weight, keep, grid
+
+    def round_block(self, block: nn.Module) -> None:
+        """Round the pruned layers of `block` to nearest on grids of their final weights (after a block fit)."""
+        for module in block.modules():
+            name = self.names.get(module)
+            if name in self.masks:
+                weight, self.grids[name] = round_layer(weight_matrix(module), self.masks[name], self.scheme)
+                set_weight_matrix(module, weight)
+
+    def fit_block(self, block: nn.Module, forwards: list, targets: list[Tensor], outputs: list[Tensor] | None
+                  ) -> BlockFit:
+        """Block reconstruction (`reconstruct_block`), the trained weights rounded back onto grids when
+        quantizing; the grids go back too where the fit put the starting weights back."""
+        layers = {self.names[m]: m for m in block.modules() if self.names.get(m) in self.masks}
+        saved = {name: self.grids[name] for name in layers if name in self.grids}
+        project = None if self.scheme is None else partial(self.round_block, block)
+        fit = reconstruct_block(block, self.block_masks(block), forwards, targets, outputs=outputs, project=project)
+        if not fit.loss_after < fit.loss_before:  # reconstruct_block restored the start
+            self.grids.update(saved)
+        elif project is not None:  # kept weights rounded to 0 by the last rounding count as zeros
+            for name, module in layers.items():
+                weight = weight_matrix(module)
+                zeros = weight.numel() - int(torch.count_nonzero(weight))
+                self.layers[name] = replace(self.layers[name], sparsity=zeros / weight.numel())
+        return fit
+
+    def quantize_embeddings(self, model: nn.Module) -> None:
+        """The last step of a quantizing run: the embeddings to int8 per row (`PruneConfig.quantize_embeddings`)."""
+        if self.scheme is None or not self.config.quantize_embeddings:
+            return
+        grids = quantize_embeddings(model, skip=set(self.names.values()))
+        self.grids.update(grids)
+        self.embeddings = list(grids)
 
     def block_masks(self, block: nn.Module) -> dict[nn.Module, Tensor]:
         """The keep mask of each pruned layer of `block`, shaped like its `weight`."""
@@ -189,8 +253,9 @@ class _LayerPruner:
         return masks
 
     def report(self, seconds: float) -> PruneReport:
+        quantization = None if self.scheme is None else quantization_record(self.config, self.embeddings)
         return PruneReport(config=self.config, layers=self.layers, masks=self.masks, seconds=seconds,
-                           blocks=self.block_fits)
+                           blocks=self.block_fits, grids=self.grids, quantization=quantization)
 
 
 # ---- calibration-driven pruning -------------------------------------------------------
@@ -215,7 +280,8 @@ def _prune_with_calibration(
     batches = block_batches(model, blocks, chunks)
     pruner.sparsity = _allocate(config, pruner, blocks, batches)  # before a resume restores pruned blocks
     modules = dict(model.named_modules())
-    start, saved = (0, None) if checkpoint is None else checkpoint.restore(modules, pruner.layers, pruner.masks)
+    start, saved = (0, None) if checkpoint is None else checkpoint.restore(modules, pruner.layers, pruner.masks,
+                                                                           pruner.grids)
     hidden = batches.hidden if saved is None else saved
     bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress,
                mininterval=0)  # every block shows: there are few, and each is a moment an interrupt may come
@@ -234,10 +300,9 @@ def _prune_with_calibration(
         if fit_blocks:
             hidden = [] if wanted else None  # filled with the fitted block's outputs
             with torch.enable_grad():
-                pruner.block_fits[index] = reconstruct_block(block, pruner.block_masks(block), forwards, targets,
-                                                             outputs=hidden)
+                pruner.block_fits[index] = pruner.fit_block(block, forwards, targets, hidden)
         if checkpoint is not None:
-            checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden)
+            checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden, pruner.grids)
         bar.update()
     bar.close()
 

@@ -167,6 +167,7 @@ def reconstruct_block(
     precision: str = "auto",
     seed: int = 0,
     outputs: list[Tensor] | None = None,
+    project: Callable[[], None] | None = None,
 ) -> BlockFit:
     """Train the kept weights of `block`'s pruned linears so its outputs match the dense block's.
 
@@ -191,6 +192,10 @@ def reconstruct_block(
         outputs: a list to fill with the block's final output per batch, in the model's dtype
             (the next block's inputs): the loss measurement after the fit computes them anyway,
             so a caller that wants them is spared a pass over the calibration data.
+        project: called without gradients on the trained weights (when steps > 0) before the
+            loss after is measured, e.g. to round them back onto their quantization grids: the
+            loss after, the outputs and the choice between trained and starting weights are
+            then those of the projected weights.
 
     Returns:
         BlockFit with the mean loss over all batches before and after, steps taken and seconds.
@@ -219,6 +224,9 @@ def reconstruct_block(
         before = _mean_loss(forwards, targets)
         if steps:
             _train(block, weights, masks, forwards, targets, steps, lr, precision, seed)
+            if project is not None:
+                with torch.no_grad():
+                    project()
         after = _mean_loss(forwards, targets, outputs)
         if not after < before:
             with torch.no_grad():

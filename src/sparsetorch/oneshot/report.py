@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from torch import Tensor
 
 from sparsetorch.oneshot.config import PruneConfig
+from sparsetorch.quantize import QuantGrid
 
 __all__ = ["LayerReport", "PruneReport"]
 
@@ -39,13 +40,22 @@ class LayerReport:
 
 @dataclass
 class PruneReport:
-    """Result of `sparsetorch.prune`: the config, per-layer records and keep masks."""
+    """Result of `sparsetorch.prune`: the config, per-layer records and keep masks.
+
+    With `config.quantize`, `grids` holds the value grid of every quantized module by name (the
+    pruned layers, e.g. 'model.layers.0.mlp.down_proj', and the embeddings, e.g.
+    'model.embed_tokens'), which `save_pruned(..., grids=report.grids)` stores the weights on;
+    `quantization` is the record of how (see `oneshot/quantized.py`). Grids are tensors, so
+    `to_dict()` leaves them out.
+    """
 
     config: PruneConfig
     layers: dict[str, LayerReport]
     masks: dict[str, Tensor] = field(repr=False)
     seconds: float
     blocks: dict = field(default_factory=dict)  # block index -> its reconstruction (reconstruct='block')
+    grids: dict[str, QuantGrid] = field(default_factory=dict, repr=False)
+    quantization: dict | None = None
 
     @property
     def sparsity(self) -> float:
@@ -63,6 +73,7 @@ class PruneReport:
             "seconds": round(self.seconds, 3),
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
             **({"blocks": {str(i): _rounded(asdict(fit)) for i, fit in self.blocks.items()}} if self.blocks else {}),
+            **({"quantization": self.quantization} if self.quantization is not None else {}),
         }
 
 

@@ -1,7 +1,9 @@
 """Resuming an interrupted pruning run, block by block.
 
-After each block the pipeline saves that block's pruned weights and keep masks, the
-per-layer report so far, and the block's outputs (the next block's inputs). A later
+After each block the pipeline saves that block's pruned weights and keep masks (and, when the
+run quantizes, their value grids: SparseGPT's joint grids are found during its sweep and cannot
+be rebuilt from the weights), the per-layer report so far, and the block's outputs (the next
+block's inputs). A later
 run with the same configuration and calibration data restores them and continues with
 the next block, giving the same result as an uninterrupted run. A checkpoint made for
 other settings, other calibration data or another model is never used silently.
@@ -22,7 +24,8 @@ from torch import Tensor, nn
 
 from sparsetorch.oneshot.config import PruneConfig
 from sparsetorch.oneshot.report import LayerReport
-from sparsetorch.targets import find_targets
+from sparsetorch.quantize import QuantGrid
+from sparsetorch.targets import find_targets, weight_matrix
 
 __all__ = ["DamagedCheckpointError", "ResumeCheckpoint", "StaleCheckpointError", "model_identity"]
 
@@ -92,6 +95,7 @@ class ResumeCheckpoint:
         self.directory = Path(directory)
         self.fingerprint = _fingerprint(config, calibration)
         self.model = None if model is None else model_identity(model, config)
+        self.scheme = config.scheme
 
     def _progress(self) -> dict | None:
         path = self.directory / _PROGRESS
@@ -114,19 +118,25 @@ class ResumeCheckpoint:
             )
         return progress
 
-    def restore(self, modules: dict[str, nn.Module], layers: dict, masks: dict) -> tuple[int, list[Tensor] | None]:
-        """Load saved blocks into `modules`, `layers` and `masks`; return (next block, its inputs)."""
+    def restore(self, modules: dict[str, nn.Module], layers: dict, masks: dict,
+                grids: dict | None = None) -> tuple[int, list[Tensor] | None]:
+        """Load saved blocks into `modules`, `layers`, `masks` (and `grids`, when the run quantizes);
+        return (next block, its inputs)."""
         progress = self._progress()
         if progress is None:
             return 0, None
         blocks, hidden = self._read(progress)  # all of it first: a damaged file changes nothing
+        restored = [self._grids(tensors, modules) for tensors in blocks]
         for tensors in blocks:
             for key, tensor in tensors.items():
                 name, kind = key.rsplit(".", 1)
                 if kind == "weight":
                     modules[name].weight.detach().copy_(tensor)  # bumps the version: see set_weight_matrix
-                else:
+                elif kind == "mask":
                     masks[name] = tensor.bool()
+        if grids is not None:
+            for block_grids in restored:
+                grids.update(block_grids)
         for name, record in progress["layers"].items():
             layers[name] = LayerReport(**{**record, "shape": tuple(record["shape"])})
         return progress["blocks_done"], hidden
@@ -144,18 +154,40 @@ class ResumeCheckpoint:
         except Exception as err:  # safetensors, pickle and zip raise many kinds for a damaged file
             raise self._damaged(path, err) from None
 
+    def _grids(self, tensors: dict[str, Tensor], modules: dict[str, nn.Module]) -> dict[str, QuantGrid]:
+        """The value grids of one saved block's layers (none when the run does not quantize)."""
+        if self.scheme is None:
+            return {}
+        grids = {}
+        for key in tensors:
+            name, kind = key.rsplit(".", 1)
+            if kind != "mask":
+                continue
+            if f"{name}.scale" not in tensors:
+                raise DamagedCheckpointError(f"the resume checkpoint {self.directory} holds no value grid for {name} "
+                                             "although this run quantizes; rerun with --restart")
+            cols = weight_matrix(modules[name]).shape[1]
+            grids[name] = QuantGrid(self.scheme, tensors[f"{name}.scale"], tensors.get(f"{name}.zero_point"), cols)
+        return grids
+
     def _damaged(self, path: Path, err: Exception) -> DamagedCheckpointError:
         return DamagedCheckpointError(f"the resume checkpoint {path} is damaged ({type(err).__name__}: "
                                       f"{str(err)[:200]}); rerun with --restart (API: checkpoint.clear())")
 
     def save(self, index: int, names: list[str], modules: dict[str, nn.Module], layers: dict, masks: dict,
-             hidden: list[Tensor]) -> None:
-        """Record that block `index` (holding layers `names`) is done and its outputs are `hidden`."""
+             hidden: list[Tensor], grids: dict[str, QuantGrid] | None = None) -> None:
+        """Record that block `index` (holding layers `names`) is done and its outputs are `hidden`;
+        `grids`: the value grids of a quantizing run's layers."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name in names:
             tensors[f"{name}.weight"] = modules[name].weight.detach().contiguous()
             tensors[f"{name}.mask"] = masks[name].to(torch.uint8).contiguous()
+            grid = (grids or {}).get(name)
+            if grid is not None:
+                tensors[f"{name}.scale"] = grid.scale.contiguous()
+                if grid.zero_point is not None:
+                    tensors[f"{name}.zero_point"] = grid.zero_point.contiguous()
         _replace(self.directory / f"block-{index:04d}.safetensors", lambda p: save_file(tensors, p))
         # the new outputs get a file of their own, and progress.json names it last: a crash at any
         # point leaves progress.json naming the inputs of the block it says comes next

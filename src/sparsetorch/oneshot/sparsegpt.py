@@ -11,19 +11,26 @@ Inside a block, the column-by-column sweep runs as a C++ op on float32 CPU tenso
 as torch ops the per-column call overhead would dominate the solve. `sweep_reference` is
 the same sweep in torch ops: the op's test reference, and what runs on other devices or
 without a compiler.
+
+`sparsegpt_quantize_many` is the paper's joint sparsification and quantization: the same sweep
+also rounds each kept weight onto its grid and spreads that error too (`oneshot/joint.py`), as a
+C++ op as well (`kernels/csrc/sparsegpt_joint.h`), with `joint.sweep_joint` its torch reference.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
 
 from sparsetorch.kernels.build import best_ops
+from sparsetorch.oneshot.joint import SweepGrids, sweep_joint, sweep_joint_with_op
 from sparsetorch.patterns import NM, Pattern
+from sparsetorch.quantize import QuantGrid, QuantScheme, find_grid
 
-__all__ = ["inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_prune_many"]
+__all__ = ["inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_prune_many", "sparsegpt_quantize_many"]
 
 
 def inverse_hessian_factor(gram: Tensor, dampening: float) -> Tensor:
@@ -113,6 +120,42 @@ def sparsegpt_prune_many(
 
     Each layer keeps its own exact sparsity: masks are chosen per layer.
     """
+    pruned, keep, _ = _solve(weights, gram, pattern, sparsity, block_size, dampening, hinv, None)
+    return list(zip(pruned, keep))
+
+
+def sparsegpt_quantize_many(
+    weights: list[Tensor],
+    gram: Tensor,
+    pattern: Pattern,
+    sparsity: float | None,
+    scheme: QuantScheme,
+    *,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    hinv: Tensor | None = None,
+) -> list[tuple[Tensor, Tensor, QuantGrid]]:
+    """SparseGPT's joint mode: prune to `pattern` and quantize the kept weights to `scheme` in one sweep.
+
+    Each kept weight is rounded onto its grid as the sweep reaches it, and the rounding error,
+    like the pruning error, is spread over the columns not yet visited (see `oneshot/joint.py`
+    for when each grid is found). The lazy blocks are rounded up to whole groups of the scheme.
+
+    Returns:
+        Per layer (weight float32, keep mask, grid): every kept weight lies exactly on the grid,
+        `dequantize(quantize(w, grid), grid) * keep == w`; pruned weights are +0.0.
+
+    Example:
+        >>> [(w, keep, grid)] = sparsegpt_quantize_many([layer.weight], gram, NM(2, 4), None,
+        ...                                             QuantScheme(bits=4, group_size=128))
+    """
+    pruned, keep, grids = _solve(weights, gram, pattern, sparsity, block_size, dampening, hinv, scheme)
+    return list(zip(pruned, keep, grids))
+
+
+def _solve(weights: list[Tensor], gram: Tensor, pattern: Pattern, sparsity: float | None, block_size: int,
+           dampening: float, hinv: Tensor | None, scheme: QuantScheme | None):
+    """The column sweep over the stacked rows of `weights`: (weights, masks, grids or None), per layer."""
     for weight in weights:
         pattern.check_shape(weight.shape)
     sparsity = pattern.resolve_sparsity(sparsity)
@@ -122,17 +165,38 @@ def sparsegpt_prune_many(
     W[:, gram.diagonal() == 0] = 0.0  # inputs that were always zero carry no information
     if hinv is None:
         hinv = inverse_hessian_factor(gram, dampening)  # (in, in), upper triangular
-    group = pattern.group_width
+    grids = None if scheme is None else _sweep_grids(weights, gram, pattern, sparsity, block_size, dampening, hinv,
+                                                     scheme)
+    group = _lazy_unit(pattern, scheme)
     block_size = max(group, block_size // group * group)
     keep = torch.ones_like(W, dtype=torch.bool)
     Wt = W.t().contiguous()  # (in, out): column i of W is a contiguous row here
     for start in range(0, cols, block_size):
         stop = min(start + block_size, cols)
-        block_keep, errors = _prune_block(Wt, hinv, pattern, sparsity, rows, start, stop)
+        block_keep, errors = _prune_block(Wt, hinv, pattern, sparsity, rows, start, stop, grids)
         keep[:, start:stop] = block_keep
         Wt[stop:] -= hinv[start:stop, stop:].t() @ errors  # lazy update of the columns to the right
     pruned = Wt.t().contiguous()
-    return list(zip(pruned.split(rows), keep.split(rows)))
+    return pruned.split(rows), keep.split(rows), None if grids is None else grids.grids(rows)
+
+
+def _sweep_grids(weights: list[Tensor], gram: Tensor, pattern: Pattern, sparsity: float, block_size: int,
+                 dampening: float, hinv: Tensor, scheme: QuantScheme) -> SweepGrids:
+    """The grids the joint sweep fills in; a per-channel scheme's are found first, from the kept
+    weights of a pruning-only sweep (why: `oneshot/joint.py`)."""
+    shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+    row_grid = None
+    if scheme.group_size is None:
+        pruned, keep, _ = _solve(weights, gram, pattern, sparsity, block_size, dampening, hinv, None)
+        row_grid = find_grid(torch.cat(pruned), scheme, torch.cat(keep))
+    return SweepGrids(scheme, shape, weights[0].device, row_grid)
+
+
+def _lazy_unit(pattern: Pattern, scheme: QuantScheme | None) -> int:
+    """Columns a lazy block is a multiple of: the pattern's group, and the quantization group."""
+    if scheme is None or scheme.group_size is None:
+        return pattern.group_width
+    return math.lcm(pattern.group_width, scheme.group_size)
 
 
 def _slice_keep(scores: Tensor, pattern: Pattern, sparsity: float, rows: list[int], cols: int, start: int,
@@ -146,10 +210,11 @@ def _slice_keep(scores: Tensor, pattern: Pattern, sparsity: float, rows: list[in
 
 
 def _prune_block(
-    Wt: Tensor, hinv: Tensor, pattern: Pattern, sparsity: float, rows: list[int], start: int, stop: int
+    Wt: Tensor, hinv: Tensor, pattern: Pattern, sparsity: float, rows: list[int], start: int, stop: int,
+    grids: SweepGrids | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Prune columns [start, stop) of W (rows of Wt) in place; return their keep mask and
-    the scaled errors, (width, out)."""
+    """Prune columns [start, stop) of W (rows of Wt) in place, and quantize them onto `grids` if
+    given; return their keep mask and the scaled errors, (width, out)."""
     block = Wt[start:stop]  # (width, out), a view: swept in place
     hinv_block = hinv[start:stop, start:stop]
     if isinstance(pattern, NM):  # masks chosen during the sweep, from the updated weights
@@ -160,8 +225,14 @@ def _prune_block(
         scores = (block.t() / hinv_block.diagonal()).square()
         pruned = (~_slice_keep(scores, pattern, sparsity, rows, Wt.shape[0], start, stop)).t().contiguous()
     errors = torch.zeros_like(block)
-    sweep = sweep_op() if _op_can_sweep(block, hinv_block, m) else sweep_reference
-    sweep(block, hinv_block, pruned, errors, n, m)
+    if grids is not None:
+        if _op_can_sweep(block, hinv_block, m) and joint_sweep_op() is not None:
+            sweep_joint_with_op(joint_sweep_op(), block, hinv_block, pruned, errors, n, m, grids, start)
+        else:
+            sweep_joint(block, hinv_block, pruned, errors, n, m, grids, start)
+    else:
+        sweep = sweep_op() if _op_can_sweep(block, hinv_block, m) else sweep_reference
+        sweep(block, hinv_block, pruned, errors, n, m)
     return ~pruned.t(), errors
 
 
@@ -170,6 +241,13 @@ def sweep_op():
     """The C++ sweep of the best ISA this CPU runs (`kernels/csrc/sparsegpt.h`), or None."""
     ops = best_ops()
     return None if ops is None else ops.sparsegpt_sweep
+
+
+@functools.cache
+def joint_sweep_op():
+    """The C++ joint sweep (`kernels/csrc/sparsegpt_joint.h`), or None."""
+    ops = best_ops()
+    return None if ops is None else getattr(ops, "sparsegpt_sweep_joint", None)
 
 
 def _op_can_sweep(block: Tensor, hinv_block: Tensor, m: int) -> bool:

@@ -2,7 +2,10 @@
 
 The model skeleton is created on the meta device (no memory, no values); each stored sparse-bitmask weight
 is read, checked, and turned into the SparseLinear that `decide_layer` picks, or (where dense
-measured faster, or the layer is too dense) into that one layer's dense weight. Tensors are
+measured faster, or the layer is too dense) into that one layer's dense weight. A quantized
+weight becomes a SparseLinear holding its codes (its kernels are chosen by structure and value
+type, `QuantizedTensor.kernel_format`), or its dequantized weight where it is no Linear (an
+embedding) or other parameters are tied to it. Tensors are
 read and decoded one at a time, so peak memory is the sparse model plus one layer.
 """
 
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 from sparsetorch.formats.base import CorruptTensorError
 from sparsetorch.formats.bitmask import BITMASK_KEYS, BitmaskTensor
 from sparsetorch.formats.checkpoint import COMPRESSED_DIR, CompressedReader, CorruptFileError, open_compressed
+from sparsetorch.formats.quantized_layers import record_dtype
 from sparsetorch.nn import SparseLinear
 from sparsetorch.runtime.config import RuntimeConfig
 from sparsetorch.runtime.decide import DENSE, LayerDecision, TimingCache, decide_layer
@@ -127,17 +131,19 @@ def load_sparse_model(directory: str | Path, config: RuntimeConfig | None = None
 
 def _sparse_layers(model: nn.Module, reader: CompressedReader, config: RuntimeConfig,
                    timer: Timer | None) -> tuple[list, dict[str, Tensor], set[str]]:
-    """Decide and build every stored sparse layer, first, while the dense tensors are not yet read (so
-    the timer's cache-flush buffer never adds to the peak memory of the loaded model).
+    """Decide and build every stored sparse layer (quantized ones first: they run on their codes),
+    while the dense tensors are not yet read (so the timer's cache-flush buffer never adds to the
+    peak memory of the loaded model).
 
     Returns:
         (decisions, dense weights of the layers that stay dense, the keys consumed).
     """
     cache = TimingCache(timer or MedianTimer()) if config.policy == "measure" else None
     keys = reader.keys()
-    prefixes = [key.removesuffix(".bitmask") for key in keys if key.endswith(".bitmask")]
-    used = {f"{prefix}.{part}" for prefix in prefixes for part in BITMASK_KEYS}
-    decisions, state = [], {}
+    decisions, state, used = _quantized_layers(model, reader, config)
+    prefixes = [key.removesuffix(".bitmask") for key in keys if key.endswith(".bitmask")
+                and key.removesuffix(".bitmask") not in reader.quantized]
+    used |= {f"{prefix}.{part}" for prefix in prefixes for part in BITMASK_KEYS}
     shared = set(reader.tied.values())  # weights other parameters are tied to stay tensors
     for prefix in prefixes:
         stored = _read_bitmask(reader, prefix)
@@ -157,4 +163,32 @@ def _sparse_layers(model: nn.Module, reader: CompressedReader, config: RuntimeCo
             model.set_submodule(prefix, SparseLinear(weight, bias, config.backend))
         decisions.append(decision)
         give_back_free_memory()  # a layer's decoding temporaries: several times the model's size over a load
+    return decisions, state, used
+
+
+def _quantized_layers(model: nn.Module, reader: CompressedReader,
+                      config: RuntimeConfig) -> tuple[list, dict[str, Tensor], set[str]]:
+    """Every stored quantized weight as a SparseLinear over its codes, or as its dequantized weight
+    where that module is no plain Linear or other parameters share it.
+
+    Returns:
+        (decisions, dequantized weights, the keys consumed).
+    """
+    decisions, state, used = [], {}, reader.quantized_keys()
+    shared = set(reader.tied.values())
+    for prefix, record in reader.quantized.items():
+        stored = reader.quantized_weight(prefix)
+        module = model.get_submodule(prefix)
+        as_linear = isinstance(module, nn.Linear) and f"{prefix}.weight" not in shared
+        if as_linear:
+            bias_key = f"{prefix}.bias"
+            bias = reader.tensor(bias_key) if bias_key in reader.keys() else None
+            used.add(bias_key)
+            model.set_submodule(prefix, SparseLinear(stored, bias, config.backend))
+            reason = "quantized weights run quantized"
+        else:
+            state[f"{prefix}.weight"] = stored.to_dense().to(record_dtype(record))
+            reason = "tied to another parameter" if isinstance(module, nn.Linear) else "not a Linear"
+        chosen = stored.kernel_format if as_linear else DENSE
+        decisions.append(LayerDecision(prefix, stored.shape, stored.density, chosen, reason=reason))
     return decisions, state, used

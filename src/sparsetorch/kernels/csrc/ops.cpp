@@ -28,6 +28,7 @@
 #endif
 #include "kernels.h"
 #include "sparsegpt.h"
+#include "sparsegpt_joint.h"
 
 namespace {
 
@@ -155,8 +156,8 @@ at::Tensor nm24_linear(const at::Tensor& x, const at::Tensor& values, const at::
 
 // SparseGPT's sweep of one lazy block, in place (see sparsegpt.h): block (width, out) is the block's columns
 // transposed, hinv (width, width) the factor's diagonal block, pruned (width, out) bool, errors (width, out).
-void sparsegpt_sweep(const at::Tensor& block, const at::Tensor& hinv, const at::Tensor& pruned,
-                     const at::Tensor& errors, int64_t n, int64_t m) {
+st::SweepShape check_sweep(const at::Tensor& block, const at::Tensor& hinv, const at::Tensor& pruned,
+                          const at::Tensor& errors, int64_t n, int64_t m) {
   TORCH_CHECK(block.dim() == 2, "block must be 2-D (width, out), got ", block.sizes());
   const int64_t width = block.size(0), out = block.size(1);
   for (const at::Tensor* t : {&block, &errors}) {
@@ -172,13 +173,44 @@ void sparsegpt_sweep(const at::Tensor& block, const at::Tensor& hinv, const at::
   TORCH_CHECK(m == 0 || (0 < n && n < m && m <= st::kMaxGroup && width % m == 0),
               "N:M needs 0 < n < m <= ", st::kMaxGroup, " and whole groups in the block, got ", n, ":", m,
               " over ", width, " columns");
-  const st::SweepShape s{width, out, hinv.stride(0), n, m};
+  return st::SweepShape{width, out, hinv.stride(0), n, m};
+}
+
+void sparsegpt_sweep(const at::Tensor& block, const at::Tensor& hinv, const at::Tensor& pruned,
+                     const at::Tensor& errors, int64_t n, int64_t m) {
+  const st::SweepShape s = check_sweep(block, hinv, pruned, errors, n, m);
   float* pb = block.data_ptr<float>();
   const float* ph = hinv.const_data_ptr<float>();
   uint8_t* pp = reinterpret_cast<uint8_t*>(pruned.data_ptr<bool>());
   float* pe = errors.data_ptr<float>();
-  const int64_t slices = (out + st::kSweepRows - 1) / st::kSweepRows;
+  const int64_t slices = (s.out + st::kSweepRows - 1) / st::kSweepRows;
   at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) { st::sparsegpt_sweep(s, pb, ph, pp, pe, s0, s1); });
+}
+
+// SparseGPT's joint sweep (see sparsegpt_joint.h): sparsegpt_sweep that also rounds each kept weight onto its
+// grid. scale and zero are (groups, out) float32: found here, one row per `group` columns of the block, or with
+// group 0 one given row (a grid per output channel); codes lie in [low, high].
+void sparsegpt_sweep_joint(const at::Tensor& block, const at::Tensor& hinv, const at::Tensor& pruned,
+                           const at::Tensor& errors, int64_t n, int64_t m, const at::Tensor& scale,
+                           const at::Tensor& zero, int64_t group, int64_t low, int64_t high, bool symmetric) {
+  const st::SweepShape s = check_sweep(block, hinv, pruned, errors, n, m);
+  TORCH_CHECK(group >= 0 && low < high, "group must be >= 0 and low < high, got ", group, ", ", low, ", ", high);
+  const int64_t groups = group ? (s.width + group - 1) / group : 1;
+  for (const at::Tensor* t : {&scale, &zero}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu() && t->dim() == 2 &&
+                    t->size(0) == groups && t->size(1) == s.out,
+                "scale and zero must be contiguous float32 CPU tensors of (", groups, ", ", s.out, "), got ",
+                t->sizes());
+  }
+  const st::JointGrid q{group, static_cast<float>(low), static_cast<float>(high), symmetric, scale.data_ptr<float>(),
+                        zero.data_ptr<float>()};
+  float* pb = block.data_ptr<float>();
+  const float* ph = hinv.const_data_ptr<float>();
+  uint8_t* pp = reinterpret_cast<uint8_t*>(pruned.data_ptr<bool>());
+  float* pe = errors.data_ptr<float>();
+  const int64_t slices = (s.out + st::kSweepRows - 1) / st::kSweepRows;
+  at::parallel_for(0, slices, 1,
+                   [&](int64_t s0, int64_t s1) { st::sparsegpt_sweep_joint(s, q, pb, ph, pp, pe, s0, s1); });
 }
 
 std::string isa() { return st::Simd::name; }
@@ -198,4 +230,7 @@ ST_LIBRARY(ST_NAMESPACE, m) {
         &nm24_linear);
   m.def("sparsegpt_sweep(Tensor(a!) block, Tensor hinv, Tensor(b!) pruned, Tensor(c!) errors, int n, int m) -> ()",
         &sparsegpt_sweep);
+  m.def("sparsegpt_sweep_joint(Tensor(a!) block, Tensor hinv, Tensor(b!) pruned, Tensor(c!) errors, int n, int m, "
+        "Tensor(d!) scale, Tensor(e!) zero, int group, int low, int high, bool symmetric) -> ()",
+        &sparsegpt_sweep_joint);
 }
