@@ -128,8 +128,8 @@ def test_demo_options_default_to_the_demo_command_defaults():
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"seqlen": 1}, "seqlen must be an integer of at least 2, got 1"),
-    ({"calib_samples": 0}, "calib_samples must be an integer of at least 1, got 0"),
+    ({"seqlen": 1}, "seqlen must be an integer >= 2, got 1"),
+    ({"calib_samples": 0}, "calib_samples must be an integer >= 1, got 0"),
     ({"eval_tokens": 100, "seqlen": 512}, "eval_tokens must hold at least one window of seqlen=512 tokens, got 100"),
     ({"codec": "gzip"}, "codec must be one of ['zstd', 'none'], got 'gzip'"),
 ])
@@ -144,7 +144,7 @@ def test_demo_options_name_the_bad_value(changes, message):
 def test_demo_rejects_bad_counts_before_loading_anything(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--decode-tokens", "1", "--out", str(out), "--quiet"]) == 2
-    assert "decode_tokens must be an integer of at least 2, got 1" in capsys.readouterr().err
+    assert "decode_tokens must be an integer >= 2, got 1" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -72,7 +72,7 @@ def test_retraining_keeps_the_pruned_masks_and_counts_sparse_flops():
 
 
 def test_bad_numbers_are_refused():
-    with pytest.raises(ValueError, match="steps must be a positive whole number"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
         TrainConfig(sparsity=1.0)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sparsetorch.checks import check_int
 from sparsetorch.data import calibration_windows, demo_text, evaluation_windows
 from sparsetorch.evaluate.inspect import layer_sparsity, plot_sparsity
 from sparsetorch.evaluate.perplexity import perplexity
@@ -74,11 +75,8 @@ class DemoOptions:
     def __post_init__(self) -> None:
         minimum = {"calib_samples": 1, "seqlen": 2, "eval_tokens": 1, "decode_tokens": 2, "recover_steps": 0}
         for name, least in minimum.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            check_int(getattr(self, name), name, least)
+        check_int(self.seed, "seed", 0)
         if self.eval_tokens < self.seqlen:
             raise ValueError(f"eval_tokens must hold at least one window of seqlen={self.seqlen} tokens, "
                              f"got {self.eval_tokens}")

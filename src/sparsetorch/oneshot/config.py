@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from sparsetorch.allocate import ALLOCATIONS, check_spread
+from sparsetorch.checks import check_int
 from sparsetorch.oneshot.calibrate import LAYER_INPUTS
 from sparsetorch.oneshot.solvers import SolverOptions, get_solver
 from sparsetorch.oneshot.stats import Gram, Statistic
@@ -158,8 +159,7 @@ class PruneConfig:
 
     def _check_quantize(self) -> None:
         """Validate `quantize` and `group_size`, and store `quantize` as its scheme's full name."""
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"group_size must be an integer >= 2 (input columns per scale), got {self.group_size!r}")
+        check_int(self.group_size, "group_size", 2)  # input columns per scale
         if not isinstance(self.quantize_embeddings, bool):
             raise ValueError(f"quantize_embeddings must be True or False, got {self.quantize_embeddings!r}")
         if self.quantize is None:

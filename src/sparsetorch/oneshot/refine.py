@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsetorch.checks import check_int
 from sparsetorch.oneshot.stats import Gram
 from sparsetorch.patterns import NM, Pattern, Unstructured
 
@@ -151,8 +152,7 @@ def _check(dense: Tensor, weight: Tensor, keep: Tensor, stat: Gram, pattern: Pat
         )
     if stat.columns != dense.shape[1]:
         raise ValueError(f"the statistic has {stat.columns} input columns, the weight {dense.shape[1]}")
-    if isinstance(max_cycles, bool) or not isinstance(max_cycles, int) or max_cycles < 0:
-        raise ValueError(f"max_cycles must be a whole number >= 0 (swaps per row at most), got {max_cycles!r}")
+    check_int(max_cycles, "max_cycles", 0)  # swaps per row at most
     if not update_threshold >= 0:
         raise ValueError(f"update_threshold must be >= 0 (an expected error), got {update_threshold}")
     if sequence_length < 1:

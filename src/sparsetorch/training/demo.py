@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsetorch.checks import check_int
 from sparsetorch.data import demo_text
 from sparsetorch.patterns import check_sparsity
 from sparsetorch.training.method import MASK
@@ -88,9 +89,7 @@ class TrainConfig:
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("steps", "batch_size", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+            check_int(getattr(self, name), name, 1)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         recipe(self.method, max(self.steps, 2), self.sparsity)

@@ -31,6 +31,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sparsetorch.checks import check_int, check_number
 from sparsetorch.families import find_blocks, model_type
 from sparsetorch.formats.checkpoint import atomic_directory
 from sparsetorch.precision import calibration_precision, full_precision
@@ -50,17 +51,6 @@ _ARCHITECTURE_KEYS = ("model_type", "num_attention_heads", "num_key_value_heads"
                       "rope_theta", "rope_parameters", "rope_scaling", "tie_word_embeddings")
 _SAMPLES = 4096  # values hashed per parameter for a model's identity
 _WEIGHTS, _STATE, _PROGRESS = "student.safetensors", "state.pt", "progress.json"
-
-
-def _whole(value: Any, what: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
-
-
-def _number(value: Any, what: str, low: float, strict: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < low or (strict and value == low):
-        raise ValueError(f"{what} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,18 +97,18 @@ class RecoverConfig:
     ignore: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self) -> None:
-        _whole(self.steps, "steps", 1)
-        _whole(self.batch_size, "batch_size", 1)
-        _whole(self.accumulation, "accumulation", 1)
-        _whole(self.warmup, "warmup", 0)
-        _whole(self.seed, "seed", 0)
-        _number(self.lr, "lr", 0.0, strict=True)
-        _number(self.temperature, "temperature", 0.0, strict=True)
-        _number(self.weight_decay, "weight_decay", 0.0, strict=False)
+        check_int(self.steps, "steps", 1)
+        check_int(self.batch_size, "batch_size", 1)
+        check_int(self.accumulation, "accumulation", 1)
+        check_int(self.warmup, "warmup", 0)
+        check_int(self.seed, "seed", 0)
+        check_number(self.lr, "lr", 0.0, strict=True)
+        check_number(self.temperature, "temperature", 0.0, strict=True)
+        check_number(self.weight_decay, "weight_decay", 0.0, strict=False)
         if self.max_grad_norm is not None:
-            _number(self.max_grad_norm, "max_grad_norm", 0.0, strict=True)
+            check_number(self.max_grad_norm, "max_grad_norm", 0.0, strict=True)
         for name in ("kl_weight", "feature_weight", "lm_weight"):
-            _number(getattr(self, name), name, 0.0, strict=False)
+            check_number(getattr(self, name), name, 0.0, strict=False)
         if self.kl_weight == self.feature_weight == self.lm_weight == 0:
             raise ValueError("kl_weight, feature_weight and lm_weight are all 0: give at least one loss a weight > 0")
         if self.autocast not in AUTOCAST:
@@ -438,7 +428,7 @@ def recover(
         config = RecoverConfig(**options)
     elif options:
         raise TypeError(f"pass either config or keyword options, not both (got {sorted(options)})")
-    _whole(checkpoint_every, "checkpoint_every", 1)
+    check_int(checkpoint_every, "checkpoint_every", 1)
     check_teacher(student, teacher)
     _check_windows(windows, student, config)
     fingerprint = _fingerprint(student, teacher, windows, config) if checkpoint is not None else {}
