@@ -7,7 +7,8 @@
 Rows: the dense model; dense + int8 and + int4-g128 round to nearest (RTN), and + int4-g128 by
 GPTQ (SparseGPT's joint sweep at 0% sparsity); SparseGPT at 50% in fp32, + int8 and + int4-g128
 quantized jointly in its sweep (GPTQ-style), + int4-g128 RTN after it (the comparison the joint
-mode must win); SparseGPT 2:4 in fp32 and + int4-g128 joint. Every quantized row also rounds
+mode must win), + int4-g32 and + int4-g128 with zero points (joint); dense + int4-g32 RTN (llama.cpp
+Q4_0's group); SparseGPT 2:4 in fp32 and + int4-g128 joint. Every quantized row also rounds
 the embeddings to int8 per row (`PruneConfig.quantize_embeddings`), as a saved model would be.
 Perplexity is measured by the same code on both held-out texts of `quality_llm.py` (the held-out
 plays and CPython's language reference), so a gain cannot be one text's; seconds are the pruning
@@ -53,6 +54,8 @@ SETTINGS = [
             base="dense"),
     Setting("dense-int4-gptq", "dense + int4-g128 GPTQ", dict(method="sparsegpt", sparsity=0.0, quantize="int4"),
             base="dense"),
+    Setting("dense-int4-g32", "dense + int4-g32 RTN", dict(method="magnitude", sparsity=0.0, quantize="int4-g32"),
+            base="dense"),
     Setting("sgpt50", "sparsegpt 50%", dict(method="sparsegpt", sparsity=0.5)),
     Setting("sgpt50-int8", "sparsegpt 50% + int8 joint", dict(method="sparsegpt", sparsity=0.5, quantize="int8"),
             base="sgpt50"),
@@ -60,6 +63,10 @@ SETTINGS = [
             base="sgpt50"),
     Setting("sgpt50-int4-rtn", "sparsegpt 50% + int4-g128 RTN", dict(method="sparsegpt", sparsity=0.5), rtn_after="int4",
             base="sgpt50"),
+    Setting("sgpt50-int4-g32", "sparsegpt 50% + int4-g32 joint",
+            dict(method="sparsegpt", sparsity=0.5, quantize="int4-g32"), base="sgpt50"),
+    Setting("sgpt50-int4-asym", "sparsegpt 50% + int4-g128-asym joint",
+            dict(method="sparsegpt", sparsity=0.5, quantize="int4-g128-asym"), base="sgpt50"),
     Setting("sgpt24", "sparsegpt 2:4", dict(method="sparsegpt", pattern="2:4")),
     Setting("sgpt24-int4", "sparsegpt 2:4 + int4-g128 joint", dict(method="sparsegpt", pattern="2:4", quantize="int4"),
             base="sgpt24"),
