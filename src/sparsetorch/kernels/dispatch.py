@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from sparsetorch.kernels import cpu, cuda, fallback  # noqa: F401  (their decorators fill the registries)
+from sparsetorch.kernels import cpu, cpu_quantized, cuda, fallback  # noqa: F401  (their decorators fill the registries)
 from sparsetorch.kernels.build import best_loaded_isa
 from sparsetorch.kernels.cpu_features import ISAS, supported_isas
 from sparsetorch.kernels.registry import CPU, CUDA, TORCH, Run

@@ -27,6 +27,7 @@
 #include "simd_scalar.h"
 #endif
 #include "kernels.h"
+#include "quantized.h"
 #include "sparsegpt.h"
 #include "sparsegpt_joint.h"
 
@@ -154,6 +155,99 @@ at::Tensor nm24_linear(const at::Tensor& x, const at::Tensor& values, const at::
   return run(w, x, bias, out, outer_from);
 }
 
+// ---- quantized weights (quantized.h): fp32 x, symmetric codes, one scale per row or per `group` columns ----
+
+constexpr int64_t kQuantRows = 8;  // batch rows per pass over the weight; larger batches take several passes
+
+template <class Format, int B>
+void run_quant_rows(const Format& w, const float* x, const float* bias, float* y, int64_t out) {
+  at::parallel_for(0, out, kRowsGrain,
+                   [&](int64_t r0, int64_t r1) { st::quant_rows_kernel<B>(w, x, bias, y, out, r0, r1); });
+}
+
+// Batch rows in slabs of up to 8: each slab streams the weight once (decode is the case that matters).
+template <class Format>
+at::Tensor run_quantized(const Format& w, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t out) {
+  check_input(x, w.in, bias, out);
+  const int64_t batch = x.size(0);
+  at::Tensor y = at::empty({batch, out}, x.options());
+  const float* pb = bias ? bias->const_data_ptr<float>() : nullptr;
+  for (int64_t b0 = 0; b0 < batch; b0 += kQuantRows) {
+    const float* px = x.const_data_ptr<float>() + b0 * w.in;
+    float* py = y.data_ptr<float>() + b0 * out;
+    switch (std::min(kQuantRows, batch - b0)) {
+      case 1: run_quant_rows<Format, 1>(w, px, pb, py, out); break;
+      case 2: run_quant_rows<Format, 2>(w, px, pb, py, out); break;
+      case 3: run_quant_rows<Format, 3>(w, px, pb, py, out); break;
+      case 4: run_quant_rows<Format, 4>(w, px, pb, py, out); break;
+      case 5: run_quant_rows<Format, 5>(w, px, pb, py, out); break;
+      case 6: run_quant_rows<Format, 6>(w, px, pb, py, out); break;
+      case 7: run_quant_rows<Format, 7>(w, px, pb, py, out); break;
+      default: run_quant_rows<Format, 8>(w, px, pb, py, out); break;
+    }
+  }
+  return y;
+}
+
+// scale: float32 (out, groups), groups = ceil(in / group) or 1 when group is 0 (one scale per row). A group is a
+// multiple of 32 columns, so it holds whole chunks of `chunk_cols` columns.
+st::Scales check_scales(const at::Tensor& scale, int64_t out, int64_t in, int64_t group, int64_t chunk_cols) {
+  TORCH_CHECK(group == 0 || (group > 0 && group % 32 == 0), "group must be 0 (per row) or a multiple of 32, got ",
+              group);
+  const int64_t groups = group ? (in + group - 1) / group : 1;  // as QuantScheme.groups
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == out && scale.size(1) == groups, "scale must be (", out, ", ",
+              groups, "), got ", scale.sizes());
+  check_part(scale, at::kFloat, out * groups, "scale");
+  return st::Scales{scale.const_data_ptr<float>(), groups, group / chunk_cols};
+}
+
+at::Tensor dense_int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                             const c10::optional<at::Tensor>& bias, int64_t group) {
+  TORCH_CHECK(codes.dim() == 2, "codes must be (out, in), got ", codes.sizes());
+  const int64_t out = codes.size(0), in = codes.size(1);
+  check_part(codes, at::kChar, out * in, "codes");
+  st::DenseI8 w{codes.const_data_ptr<int8_t>(), check_scales(scale, out, in, group, st::W), in};
+  return run_quantized(w, x, bias, out);
+}
+
+at::Tensor bitmask_int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& bitmask,
+                               const at::Tensor& row_offsets, const at::Tensor& scale,
+                               const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t group) {
+  const int64_t out = row_offsets.numel();
+  check_part(row_offsets, at::kLong, out, "row_offsets");
+  check_part(bitmask, at::kByte, out * ((in_features + 7) / 8), "bitmask");
+  check_part(codes, at::kChar, 0, "codes");
+  st::BitmaskI8 w{codes.const_data_ptr<int8_t>(), codes.numel(), bitmask.const_data_ptr<uint8_t>(),
+                  row_offsets.const_data_ptr<int64_t>(), check_scales(scale, out, in_features, group, st::W),
+                  in_features};
+  return run_quantized(w, x, bias, out);
+}
+
+at::Tensor nm24_int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& indices,
+                            const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t in_features,
+                            int64_t group) {
+  TORCH_CHECK(in_features % 4 == 0, "2:4 needs in_features divisible by 4, got ", in_features);
+  TORCH_CHECK(scale.dim() == 2, "scale must be (out, groups), got ", scale.sizes());
+  const int64_t out = scale.size(0);
+  check_part(codes, at::kByte, out * in_features / 4, "codes");
+  check_part(indices, at::kByte, out * ((in_features + 7) / 8), "indices");
+  st::Nm24I4 w{codes.const_data_ptr<uint8_t>(), indices.const_data_ptr<uint8_t>(),
+               check_scales(scale, out, in_features, group, 2 * st::W), in_features};
+  return run_quantized(w, x, bias, out);
+}
+
+at::Tensor dense_int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                             const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t group) {
+  const int64_t row_bytes = 4 * ((in_features + 7) / 8);
+  TORCH_CHECK(codes.dim() == 2 && codes.size(1) == row_bytes, "codes must be uint8 (out, ", row_bytes, "), got ",
+              codes.sizes());
+  const int64_t out = codes.size(0);
+  check_part(codes, at::kByte, out * row_bytes, "codes");
+  st::DenseI4 w{codes.const_data_ptr<uint8_t>(), row_bytes, check_scales(scale, out, in_features, group, st::W),
+                in_features};
+  return run_quantized(w, x, bias, out);
+}
+
 // SparseGPT's sweep of one lazy block, in place (see sparsegpt.h): block (width, out) is the block's columns
 // transposed, hinv (width, width) the factor's diagonal block, pruned (width, out) bool, errors (width, out).
 st::SweepShape check_sweep(const at::Tensor& block, const at::Tensor& hinv, const at::Tensor& pruned,
@@ -228,6 +322,16 @@ ST_LIBRARY(ST_NAMESPACE, m) {
         &bitmask_linear);
   m.def("nm24_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int in_features, int outer_from) -> Tensor",
         &nm24_linear);
+  m.def("dense_int8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int group) -> Tensor",
+        &dense_int8_linear);
+  m.def("bitmask_int8_linear(Tensor x, Tensor codes, Tensor bitmask, Tensor row_offsets, Tensor scale, Tensor? bias, "
+        "int in_features, int group) -> Tensor",
+        &bitmask_int8_linear);
+  m.def("nm24_int4_linear(Tensor x, Tensor codes, Tensor indices, Tensor scale, Tensor? bias, int in_features, "
+        "int group) -> Tensor",
+        &nm24_int4_linear);
+  m.def("dense_int4_linear(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int in_features, int group) -> Tensor",
+        &dense_int4_linear);
   m.def("sparsegpt_sweep(Tensor(a!) block, Tensor hinv, Tensor(b!) pruned, Tensor(c!) errors, int n, int m) -> ()",
         &sparsegpt_sweep);
   m.def("sparsegpt_sweep_joint(Tensor(a!) block, Tensor hinv, Tensor(b!) pruned, Tensor(c!) errors, int n, int m, "

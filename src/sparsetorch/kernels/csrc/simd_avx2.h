@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace st {
 
@@ -77,6 +78,38 @@ struct Simd {
     V lo = cols >= W ? load(x) : load_n(x, cols);
     V hi = cols >= 2 * W ? load(x + W) : load_n(x + W, cols > W ? cols - W : 0);
     return _mm256_blend_ps(_mm256_permutevar8x32_ps(lo, index), _mm256_permutevar8x32_ps(hi, index), 0xF0);
+  }
+
+  // ---- quantized codes (quantized.h) ----
+  static inline V from_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline V from_i8_n(const int8_t* p, int n) {
+    int64_t word = 0;
+    for (int k = 0; k < n; ++k) word |= static_cast<int64_t>(static_cast<uint8_t>(p[k])) << (8 * k);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(word)));
+  }
+  // Lane k holds the next code if bit k of `bits` is set, else zero; `avail` codes exist from p on,
+  // so 8 bytes are loaded at once except at the very end of the codes.
+  static inline V expand_i8(const int8_t* p, uint32_t bits, int64_t avail) {
+    const int n = __builtin_popcount(bits);
+    int64_t word = 0;
+    if (avail >= 8) {
+      std::memcpy(&word, p, 8);
+    } else {
+      for (int k = 0; k < n; ++k) word |= static_cast<int64_t>(static_cast<uint8_t>(p[k])) << (8 * k);
+    }
+    // Lanes past n hold later codes: zero them, so the table's zero lane (7, unused unless all are set) is 0.
+    const __m256i packed = _mm256_and_si256(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(word)), first(n));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kAvx2Tables.expand[bits]));
+    return _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(packed, perm));
+  }
+  // W 4-bit codes stored as code + 8, code k in nibble k of `word` (low nibble of each byte first).
+  static inline V from_i4(uint64_t word) {
+    const __m128i bytes = _mm_cvtsi32_si128(static_cast<int>(word)), low4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+    const __m128i codes = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8(8));  // 8 codes in order
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
   }
 };
 

@@ -52,6 +52,29 @@ struct Simd {
     V hi = cols >= 2 * W ? load(x + W) : load_n(x + W, cols > W ? cols - W : 0);
     return _mm512_permutex2var_ps(lo, index, hi);
   }
+
+  // ---- quantized codes (quantized.h) ----
+  // W int8 codes -> floats.
+  static inline V from_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // The first n codes (n < W), zero elsewhere; reads only n bytes.
+  static inline V from_i8_n(const int8_t* p, int n) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(first(n), p)));
+  }
+  // Lane k holds the next code if bit k of `bits` is set, else zero. The masked load reads only
+  // popcount(bits) bytes (never past the codes), so `avail` is not needed here.
+  static inline V expand_i8(const int8_t* p, uint32_t bits, int64_t /*avail*/) {
+    const __m128i packed = _mm_maskz_loadu_epi8(first(__builtin_popcount(bits)), p);
+    return _mm512_cvtepi32_ps(_mm512_maskz_expand_epi32(static_cast<__mmask16>(bits), _mm512_cvtepi8_epi32(packed)));
+  }
+  // W 4-bit codes stored as code + 8, code k in nibble k of `word` (low nibble of each byte first).
+  static inline V from_i4(uint64_t word) {
+    const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(word)), low4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+    const __m128i codes = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8(8));  // 16 codes in order
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+  }
 };
 
 }  // namespace st

@@ -58,6 +58,25 @@ struct Simd {
       if (index.i[k] < cols) r.v[k] = x[index.i[k]];
     return r;
   }
+
+  // ---- quantized codes (quantized.h) ----
+  static inline V from_i8_n(const int8_t* p, int n) {
+    V r = zero();
+    for (int k = 0; k < n; ++k) r.v[k] = static_cast<float>(p[k]);
+    return r;
+  }
+  static inline V from_i8(const int8_t* p) { return from_i8_n(p, W); }
+  static inline V expand_i8(const int8_t* p, uint32_t bits, int64_t /*avail*/) {
+    V r = zero();
+    for (int k = 0; k < W; ++k)
+      if ((bits >> k) & 1u) r.v[k] = static_cast<float>(*p++);
+    return r;
+  }
+  static inline V from_i4(uint64_t word) {
+    V r;
+    for (int k = 0; k < W; ++k) r.v[k] = static_cast<float>(static_cast<int>((word >> (4 * k)) & 15u) - 8);
+    return r;
+  }
 };
 
 }  // namespace st

@@ -1,0 +1,70 @@
+"""The C++ decode kernels for quantized weights (csrc/quantized.h), registered per kernel format.
+
+fp32 activations, symmetric grids, one scale per output row or per group of a multiple of
+`GROUP_MULTIPLE` input columns (a group then holds whole SIMD chunks). Batches of up to 8 rows
+stream the weight once; larger ones take one pass per 8 rows. Everything else (asymmetric grids,
+other group sizes, other dtypes, structures without a kernel here) goes to the PyTorch fallback,
+which dispatch picks when `supports` says no.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsetorch.formats.quantized import QuantizedTensor
+from sparsetorch.kernels.build import load_isa
+from sparsetorch.kernels.registry import CPU, Run
+
+__all__ = ["GROUP_MULTIPLE", "bind_bitmask_int8", "bind_dense_int4", "bind_dense_int8", "bind_nm_int4"]
+
+GROUP_MULTIPLE = 32  # input columns: a group holds whole chunks of every ISA (2:4 chunks span 32 columns)
+
+
+def _symmetric_fp32(weight: QuantizedTensor, x: Tensor) -> bool:
+    """fp32 CPU input, codes on the CPU, a symmetric grid with per-row scales or groups the kernels take."""
+    scheme = weight.scheme
+    group_ok = scheme.group_size is None or scheme.group_size % GROUP_MULTIPLE == 0
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and weight.codes.device.type == "cpu"
+            and scheme.symmetric and group_ok)
+
+
+def _is_2_4(weight: QuantizedTensor, x: Tensor) -> bool:
+    return _symmetric_fp32(weight, x) and (weight.index.n, weight.index.m) == (2, 4)
+
+
+def _scales(weight: QuantizedTensor) -> tuple[Tensor, int]:
+    """(the grid's fp16 scales as float32 (out, groups), the group size in columns or 0 for one per row)."""
+    return weight.grid.scale.float().contiguous(), weight.scheme.group_size or 0
+
+
+@CPU.register("dense-int8", "linear", supports=_symmetric_fp32)
+def bind_dense_int8(weight: QuantizedTensor, isa: str) -> Run:
+    op, codes = load_isa(isa).dense_int8_linear, weight.codes  # int8 (out, in)
+    scale, group = _scales(weight)
+    return lambda x, bias: op(x, codes, scale, bias, group)
+
+
+@CPU.register("bitmask-int8", "linear", supports=_symmetric_fp32)
+def bind_bitmask_int8(weight: QuantizedTensor, isa: str) -> Run:
+    op, cols = load_isa(isa).bitmask_int8_linear, weight.shape[1]
+    codes, bitmask = weight.codes.reshape(-1), weight.index.bitmask  # int8 (kept,), uint8 (out, ceil(in / 8))
+    offsets = weight.index.row_offsets.to(torch.int64)
+    scale, group = _scales(weight)
+    return lambda x, bias: op(x, codes, bitmask, offsets, scale, bias, cols, group)
+
+
+@CPU.register("nm-int4", "linear", supports=_is_2_4)
+def bind_nm_int4(weight: QuantizedTensor, isa: str) -> Run:
+    op, cols = load_isa(isa).nm24_int4_linear, weight.shape[1]
+    codes, indices = weight.codes, weight.index.indices  # uint8 (out * in / 4,), uint8 (out, in / 8)
+    scale, group = _scales(weight)
+    return lambda x, bias: op(x, codes, indices, scale, bias, cols, group)
+
+
+@CPU.register("dense-int4", "linear", supports=_symmetric_fp32)
+def bind_dense_int4(weight: QuantizedTensor, isa: str) -> Run:
+    op, cols = load_isa(isa).dense_int4_linear, weight.shape[1]
+    codes = weight.codes.contiguous().view(torch.uint8)  # int32 (out, ceil(in / 8)) -> uint8 (out, 4 ceil(in / 8))
+    scale, group = _scales(weight)
+    return lambda x, bias: op(x, codes, scale, bias, cols, group)
