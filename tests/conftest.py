@@ -29,6 +29,15 @@ def nm_weight(rows: int, cols: int, n: int, m: int) -> torch.Tensor:
     return torch.zeros_like(groups).scatter(-1, keep, groups.gather(-1, keep)).view(rows, cols)
 
 
+
+def structure_weight(structure: str, rows: int, cols: int) -> torch.Tensor:
+    """A random weight an index structure can hold: 2:4 for 'nm', no zeros for 'dense', else 50% zeros."""
+    if structure == "nm":
+        return nm_weight(rows, cols, 2, 4)
+    if structure == "dense":
+        return torch.randn(rows, cols)
+    return torch.randn(rows, cols) * (torch.rand(rows, cols) > 0.5)
+
 def calibration_ids(vocab: int = 128, windows: int = 8, tokens: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (windows, tokens), generator=torch.Generator().manual_seed(seed))
 

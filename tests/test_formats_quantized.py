@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import nm_weight
+from conftest import structure_weight
 from sparsetorch.formats.base import CorruptTensorError
 from sparsetorch.formats.quantized import QuantizedTensor, check_on_grid, quantized_part_names
 from sparsetorch.kernels.build import best_loaded_isa
@@ -15,17 +15,9 @@ SCHEMES = [QuantScheme(8), QuantScheme(8, symmetric=False), QuantScheme(4, 32), 
 STRUCTURES = [("bitmask", ()), ("nm", (2, 4)), ("csr16", ()), ("dense", ())]
 
 
-def _weight(structure: str, rows: int, cols: int) -> torch.Tensor:
-    if structure == "nm":
-        return nm_weight(rows, cols, 2, 4)
-    if structure == "dense":
-        return torch.randn(rows, cols)
-    return torch.randn(rows, cols) * (torch.rand(rows, cols) > 0.5)
-
-
 def _quantized(structure, layout, scheme, rows=13, cols=96):
     """(the stored weight, the fake-quantized dense reference)."""
-    weight = _weight(structure, rows, cols)
+    weight = structure_weight(structure, rows, cols)
     reference, grid = fake_quantize(weight, scheme, weight != 0)
     return QuantizedTensor.from_dense(weight, grid, structure, *layout), reference
 
@@ -46,7 +38,7 @@ def test_round_trip_equals_the_fake_quantized_weight(structure, layout, scheme, 
 
 @pytest.mark.parametrize("structure", ["bitmask", "csr16", "dense"])
 def test_odd_shapes_and_empty_rows(structure):
-    weight = _weight(structure, 7, 45)
+    weight = structure_weight(structure, 7, 45)
     weight[2] = 0
     for scheme in (QuantScheme(4, 32, symmetric=False), QuantScheme(8)):
         reference, grid = fake_quantize(weight, scheme, weight != 0)

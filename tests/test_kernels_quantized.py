@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import nm_weight
+from conftest import structure_weight
 from sparsetorch.formats.quantized import QuantizedTensor
 from sparsetorch.kernels.build import best_loaded_isa
 from sparsetorch.kernels.cpu_features import supported_isas
@@ -28,14 +28,6 @@ def quantized(structure: str, scheme: QuantScheme, dense: torch.Tensor) -> Quant
     return QuantizedTensor.from_dense(dense, find_grid(dense, scheme, dense != 0), structure, *layout)
 
 
-def random_weight(structure: str, rows: int, cols: int) -> torch.Tensor:
-    if structure == "nm":
-        return nm_weight(rows, cols, 2, 4)
-    if structure == "dense":
-        return torch.randn(rows, cols)
-    return torch.randn(rows, cols) * (torch.rand(rows, cols) > 0.5)
-
-
 def check_all_batches(weight: QuantizedTensor, isa: str) -> None:
     rows, cols = weight.shape
     reference = weight.to_dense()
@@ -56,14 +48,14 @@ def test_every_case_is_registered():
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
 def test_kernel_matches_dequantized_dense(isa, structure, scheme, shape):
     require(isa)
-    check_all_batches(quantized(structure, scheme, random_weight(structure, *shape)), isa)
+    check_all_batches(quantized(structure, scheme, structure_weight(structure, *shape)), isa)
 
 
 @pytest.mark.parametrize("isa", supported_isas())
 @pytest.mark.parametrize("structure,scheme", CASES, ids=[f"{s}-{scheme.name}" for s, scheme in CASES])
 def test_empty_rows_and_rows_with_everything_kept(isa, structure, scheme):
     require(isa)
-    dense = random_weight(structure, 6, 100)
+    dense = structure_weight(structure, 6, 100)
     dense[1] = 0  # nothing stored (bitmask), all zero codes (nm, dense)
     dense[4] = torch.randn(100) if structure != "nm" else dense[4]  # every column kept
     dense[5, :64] = 0  # an empty first group
@@ -73,7 +65,7 @@ def test_empty_rows_and_rows_with_everything_kept(isa, structure, scheme):
 @pytest.mark.parametrize("isa", supported_isas())
 def test_empty_batch(isa):
     require(isa)
-    weight = quantized("bitmask", QuantScheme(8), random_weight("bitmask", 9, 40))
+    weight = quantized("bitmask", QuantScheme(8), structure_weight("bitmask", 9, 40))
     assert bind_kernel(weight, torch.zeros(1, 40), isa)(torch.zeros(0, 40), None).shape == (0, 9)
 
 
@@ -83,7 +75,7 @@ def test_dispatch_picks_the_cpp_kernel_where_it_serves():
         pytest.skip("no C++ build here (no compiler?)")
     x = torch.randn(2, 64)
     for structure, scheme in CASES:
-        weight = quantized(structure, scheme, random_weight(structure, 16, 64))
+        weight = quantized(structure, scheme, structure_weight(structure, 16, 64))
         assert kernel_name(weight, x) == best, weight.kernel_format
         assert SparseLinear(weight).kernel(x) == best
 
@@ -97,14 +89,14 @@ def test_dispatch_picks_the_cpp_kernel_where_it_serves():
     ("bitmask", QuantScheme(4, 32)),
 ], ids=lambda case: case if isinstance(case, str) else case.name)
 def test_other_grids_fall_back_to_pytorch(structure, scheme):
-    weight = quantized(structure, scheme, random_weight(structure, 16, 96))
+    weight = quantized(structure, scheme, structure_weight(structure, 16, 96))
     x = torch.randn(3, 96)
     assert kernel_name(weight, x) == "torch"
     assert_matches_dense(bind_kernel(weight, x)(x, None), F.linear(x, weight.to_dense()))
 
 
 def test_other_dtypes_fall_back_to_pytorch():
-    weight = quantized("dense", QuantScheme(8), random_weight("dense", 16, 64))
+    weight = quantized("dense", QuantScheme(8), structure_weight("dense", 16, 64))
     x = torch.randn(3, 64, dtype=torch.float64)
     assert kernel_name(weight, x) == "torch"
     torch.testing.assert_close(bind_kernel(weight, x)(x, None), F.linear(x, weight.to_dense().double()))

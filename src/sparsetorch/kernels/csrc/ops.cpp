@@ -12,6 +12,7 @@
 
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #if defined(ST_ISA_AVX512)
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__FMA__)
@@ -42,6 +43,22 @@ void check_input(const at::Tensor& x, int64_t in, const c10::optional<at::Tensor
   if (bias) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
                 "bias must be a contiguous float32 tensor of ", out, " values");
+  }
+}
+
+// Calls run(std::integral_constant<int, B>{}) with B = rows for 1..7, and B = 8 for more: the batch
+// size becomes a compile-time constant, so each kernel's per-row accumulators stay in registers.
+template <class Run>
+void with_rows(int64_t rows, Run&& run) {
+  switch (rows) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 6: run(std::integral_constant<int, 6>{}); break;
+    case 7: run(std::integral_constant<int, 7>{}); break;
+    default: run(std::integral_constant<int, 8>{}); break;
   }
 }
 
@@ -99,16 +116,7 @@ at::Tensor run(const Format& w, const at::Tensor& x, const c10::optional<at::Ten
     }
     return y;
   }
-  switch (batch) {
-    case 1: run_rows<Format, 1>(w, px, pb, py, out); break;
-    case 2: run_rows<Format, 2>(w, px, pb, py, out); break;
-    case 3: run_rows<Format, 3>(w, px, pb, py, out); break;
-    case 4: run_rows<Format, 4>(w, px, pb, py, out); break;
-    case 5: run_rows<Format, 5>(w, px, pb, py, out); break;
-    case 6: run_rows<Format, 6>(w, px, pb, py, out); break;
-    case 7: run_rows<Format, 7>(w, px, pb, py, out); break;
-    default: run_rows<Format, 8>(w, px, pb, py, out); break;
-  }
+  with_rows(batch, [&](auto rows) { run_rows<Format, decltype(rows)::value>(w, px, pb, py, out); });
   return y;
 }
 
@@ -175,16 +183,8 @@ at::Tensor run_quantized(const Format& w, const at::Tensor& x, const c10::option
   for (int64_t b0 = 0; b0 < batch; b0 += kQuantRows) {
     const float* px = x.const_data_ptr<float>() + b0 * w.in;
     float* py = y.data_ptr<float>() + b0 * out;
-    switch (std::min(kQuantRows, batch - b0)) {
-      case 1: run_quant_rows<Format, 1>(w, px, pb, py, out); break;
-      case 2: run_quant_rows<Format, 2>(w, px, pb, py, out); break;
-      case 3: run_quant_rows<Format, 3>(w, px, pb, py, out); break;
-      case 4: run_quant_rows<Format, 4>(w, px, pb, py, out); break;
-      case 5: run_quant_rows<Format, 5>(w, px, pb, py, out); break;
-      case 6: run_quant_rows<Format, 6>(w, px, pb, py, out); break;
-      case 7: run_quant_rows<Format, 7>(w, px, pb, py, out); break;
-      default: run_quant_rows<Format, 8>(w, px, pb, py, out); break;
-    }
+    with_rows(std::min(kQuantRows, batch - b0),
+              [&](auto rows) { run_quant_rows<Format, decltype(rows)::value>(w, px, pb, py, out); });
   }
   return y;
 }
