@@ -143,11 +143,14 @@ def test_load_sparse_model_runs_quantized_layers_on_their_codes(tmp_path):
     from sparsetorch.runtime.loader import load_sparse_model
 
     model, _, out = _saved(tmp_path, QuantScheme(4, 32, symmetric=False), tie=True)
-    loaded, report = load_sparse_model(out, RuntimeConfig(policy="always"))
+    loaded, report = load_sparse_model(out, RuntimeConfig(policy="always", backend="torch"))
     layer = loaded.model.layers[0].mlp.down_proj
     assert isinstance(layer, SparseLinear) and isinstance(layer.sparse_weight, QuantizedTensor)
     assert layer.sparse_weight.kernel_format == "bitmask-int4"
-    assert {d.chosen for d in report.decisions} == {"bitmask-int4", "dense"}  # the tied embedding stays a tensor
+    # the tied embedding stays a tensor for its lookups; the tied lm_head runs on the embedding's int8 codes
+    assert {d.chosen for d in report.decisions} == {"bitmask-int4", "dense", "dense-int8"}
+    assert isinstance(loaded.lm_head, SparseLinear) and loaded.lm_head.sparse_weight.kernel_format == "dense-int8"
+    assert isinstance(loaded.model.embed_tokens.weight, torch.nn.Parameter)
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

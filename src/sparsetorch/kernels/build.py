@@ -36,7 +36,12 @@ CSRC = Path(__file__).parent / "csrc"
 # -fopenmp compiles at::parallel_for's pragmas (without it the kernels run on one thread); it is not
 # passed to the link, so the module uses the OpenMP runtime libtorch_cpu already loaded, and its threads.
 _COMMON_FLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-fopenmp", "-Wall")
-_DEFINE = {"avx512": "-DST_ISA_AVX512", "avx2": "-DST_ISA_AVX2", "scalar": "-DST_ISA_SCALAR"}
+_DEFINES: dict[str, tuple[str, ...]] = {
+    "avx512vnni": ("-DST_ISA_AVX512", "-DST_ISA_AVX512VNNI"),  # the avx512 code, plus int8-activation kernels
+    "avx512": ("-DST_ISA_AVX512",),
+    "avx2": ("-DST_ISA_AVX2",),
+    "scalar": ("-DST_ISA_SCALAR",),
+}
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ def _compile(extension: Extension, isa: str, name: str, directory: Path) -> None
     from torch.utils.cpp_extension import load  # pulls in setuptools: only when a build is needed
 
     directory.mkdir(parents=True, exist_ok=True)
-    flags = [*_COMMON_FLAGS, *ISA_FLAGS[isa], _DEFINE[isa], f"-DST_NAMESPACE={name}"]
+    flags = [*_COMMON_FLAGS, *ISA_FLAGS[isa], *_DEFINES[isa], f"-DST_NAMESPACE={name}"]
     load(name=name, sources=[str(extension.csrc / "ops.cpp")], extra_cflags=flags, build_directory=str(directory),
          is_python_module=False, verbose=bool(os.environ.get("SPARSETORCH_VERBOSE_BUILD")))
 

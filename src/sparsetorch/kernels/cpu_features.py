@@ -16,15 +16,22 @@ import torch
 __all__ = ["ISA_FLAGS", "ISA_REQUIREMENTS", "ISAS", "cpu_flags", "has_native_bf16", "supported_isas"]
 
 # Best first. Each ISA's compiler flags, and the cpuinfo flags a CPU needs to run its build.
-ISAS: tuple[str, ...] = ("avx512", "avx2", "scalar")
+# 'avx512vnni' is the avx512 build plus kernels that multiply int8 and 4-bit weights with int8 activations
+# (VNNI dot products, VBMI byte permutes, VBMI2 byte expansion); 'avx512' keeps those weights' activations in fp32.
+ISAS: tuple[str, ...] = ("avx512vnni", "avx512", "avx2", "scalar")
+_AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mpopcnt", "-mbmi",
+                 "-mbmi2")
 ISA_FLAGS: dict[str, tuple[str, ...]] = {
-    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mpopcnt", "-mbmi",
-               "-mbmi2"),
+    "avx512vnni": (*_AVX512_FLAGS, "-mavx512vnni", "-mavx512vbmi", "-mavx512vbmi2"),
+    "avx512": _AVX512_FLAGS,
     "avx2": ("-mavx2", "-mfma", "-mf16c", "-mpopcnt", "-mbmi", "-mbmi2"),
     "scalar": (),
 }
+_AVX512_REQUIREMENTS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c", "popcnt", "bmi1",
+                                  "bmi2"})
 ISA_REQUIREMENTS: dict[str, frozenset[str]] = {
-    "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c", "popcnt", "bmi1", "bmi2"}),
+    "avx512vnni": _AVX512_REQUIREMENTS | {"avx512_vnni", "avx512vbmi", "avx512_vbmi2"},
+    "avx512": _AVX512_REQUIREMENTS,
     "avx2": frozenset({"avx2", "fma", "f16c", "popcnt", "bmi1", "bmi2"}),
     "scalar": frozenset(),
 }

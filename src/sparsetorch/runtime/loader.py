@@ -126,7 +126,28 @@ def load_sparse_model(directory: str | Path, config: RuntimeConfig | None = None
         decisions, state, used = _sparse_layers(model, reader, config, timer)
         state.update({key: reader.tensor(key) for key in reader.keys() if key not in used})
         assign_weights(model, state, reader.tied, inner)
+        decisions += _quantized_aliases(model, reader, config)
     return model.eval(), CompileReport(tuple(decisions), config)
+
+
+def _quantized_aliases(model: nn.Module, reader: CompressedReader, config: RuntimeConfig) -> list[LayerDecision]:
+    """Bias-free Linears tied to a stored quantized weight (a tied lm_head over the int8 input embedding)
+    run on its codes too. The weight itself stays dense for its own module (an embedding looks rows up);
+    the Linear reads the whole matrix every step, which in a small model is a large share of all weight
+    traffic. Run after the weights are tied: the alias gets its own module, no parameter is shared."""
+    decisions = []
+    for alias, name in reader.tied.items():
+        prefix, alias_prefix = name.removesuffix(".weight"), alias.removesuffix(".weight")
+        if prefix not in reader.quantized or alias == alias_prefix:
+            continue
+        module = model.get_submodule(alias_prefix)
+        if type(module) is not nn.Linear or module.bias is not None:
+            continue
+        stored = reader.quantized_weight(prefix)
+        model.set_submodule(alias_prefix, SparseLinear(stored, None, config.backend))
+        decisions.append(LayerDecision(alias_prefix, stored.shape, stored.density, stored.kernel_format,
+                                       reason=f"tied to {prefix}: runs on its codes"))
+    return decisions
 
 
 def _sparse_layers(model: nn.Module, reader: CompressedReader, config: RuntimeConfig,

@@ -19,6 +19,9 @@
 #error "the avx512 module needs -mavx512f -mavx512bw -mavx512vl -mfma"
 #endif
 #include "simd_avx512.h"
+#if defined(ST_ISA_AVX512VNNI) && (!defined(__AVX512VNNI__) || !defined(__AVX512VBMI__) || !defined(__AVX512VBMI2__))
+#error "the avx512vnni module needs -mavx512vnni -mavx512vbmi -mavx512vbmi2"
+#endif
 #elif defined(ST_ISA_AVX2)
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "the avx2 module needs -mavx2 -mfma"
@@ -29,6 +32,9 @@
 #endif
 #include "kernels.h"
 #include "quantized.h"
+#if defined(ST_ISA_AVX512VNNI)
+#include "quantized_vnni.h"
+#endif
 #include "sparsegpt.h"
 #include "sparsegpt_joint.h"
 
@@ -189,6 +195,37 @@ at::Tensor run_quantized(const Format& w, const at::Tensor& x, const c10::option
   return y;
 }
 
+#if defined(ST_ISA_AVX512VNNI)
+// int8 activations (quantized_vnni.h): x rounded once per call, then batch rows in slabs of up to 8 as above.
+template <class Format>
+at::Tensor run_vnni(const Format& w, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t out) {
+  check_input(x, w.in, bias, out);
+  const int64_t batch = x.size(0), blocks = (w.in + st::vnni::kBlock - 1) / st::vnni::kBlock, groups = w.s.groups;
+  at::Tensor y = at::empty({batch, out}, x.options());
+  at::Tensor codes = at::empty({batch, blocks * st::vnni::kBlock}, x.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({batch, blocks}, x.options()), offsets = at::empty({batch, groups}, x.options());
+  const int8_t* pc = codes.data_ptr<int8_t>();
+  const float *ps = scales.data_ptr<float>(), *po = offsets.data_ptr<float>();
+  st::vnni::quantize_activations(x.const_data_ptr<float>(), batch, w.in, w.s.group_chunks, codes.data_ptr<int8_t>(),
+                                 scales.data_ptr<float>(), offsets.data_ptr<float>(), blocks, groups);
+  const float* pb = bias ? bias->const_data_ptr<float>() : nullptr;
+  for (int64_t b0 = 0; b0 < batch; b0 += kQuantRows) {
+    const st::vnni::ActivationBlocks xb{pc + b0 * blocks * st::vnni::kBlock, ps + b0 * blocks, po + b0 * groups,
+                                        blocks, groups};
+    float* py = y.data_ptr<float>() + b0 * out;
+    with_rows(std::min(kQuantRows, batch - b0), [&](auto rows) {
+      at::parallel_for(0, out, kRowsGrain, [&](int64_t r0, int64_t r1) {
+        st::vnni::rows_kernel<decltype(rows)::value>(w, xb, pb, py, out, r0, r1);
+      });
+    });
+  }
+  return y;
+}
+
+// Whether the int8-activation kernels take a weight with this group size (0: one scale per row).
+constexpr bool vnni_takes(int64_t group) { return group % st::vnni::kBlock == 0; }
+#endif
+
 // scale: float32 (out, groups), groups = ceil(in / group) or 1 when group is 0 (one scale per row). A group is a
 // multiple of 32 columns, so it holds whole chunks of `chunk_cols` columns.
 st::Scales check_scales(const at::Tensor& scale, int64_t out, int64_t in, int64_t group, int64_t chunk_cols) {
@@ -206,6 +243,13 @@ at::Tensor dense_int8_linear(const at::Tensor& x, const at::Tensor& codes, const
   TORCH_CHECK(codes.dim() == 2, "codes must be (out, in), got ", codes.sizes());
   const int64_t out = codes.size(0), in = codes.size(1);
   check_part(codes, at::kChar, out * in, "codes");
+#if defined(ST_ISA_AVX512VNNI)
+  if (vnni_takes(group)) {
+    return run_vnni(st::DenseI8{codes.const_data_ptr<int8_t>(), check_scales(scale, out, in, group, st::vnni::kBlock),
+                                in},
+                    x, bias, out);
+  }
+#endif
   st::DenseI8 w{codes.const_data_ptr<int8_t>(), check_scales(scale, out, in, group, st::W), in};
   return run_quantized(w, x, bias, out);
 }
@@ -217,6 +261,14 @@ at::Tensor bitmask_int8_linear(const at::Tensor& x, const at::Tensor& codes, con
   check_part(row_offsets, at::kLong, out, "row_offsets");
   check_part(bitmask, at::kByte, out * ((in_features + 7) / 8), "bitmask");
   check_part(codes, at::kChar, 0, "codes");
+#if defined(ST_ISA_AVX512VNNI)
+  if (vnni_takes(group)) {
+    return run_vnni(st::BitmaskI8{codes.const_data_ptr<int8_t>(), codes.numel(), bitmask.const_data_ptr<uint8_t>(),
+                                  row_offsets.const_data_ptr<int64_t>(),
+                                  check_scales(scale, out, in_features, group, st::vnni::kBlock), in_features},
+                    x, bias, out);
+  }
+#endif
   st::BitmaskI8 w{codes.const_data_ptr<int8_t>(), codes.numel(), bitmask.const_data_ptr<uint8_t>(),
                   row_offsets.const_data_ptr<int64_t>(), check_scales(scale, out, in_features, group, st::W),
                   in_features};
@@ -231,8 +283,35 @@ at::Tensor nm24_int4_linear(const at::Tensor& x, const at::Tensor& codes, const 
   const int64_t out = scale.size(0);
   check_part(codes, at::kByte, out * in_features / 4, "codes");
   check_part(indices, at::kByte, out * ((in_features + 7) / 8), "indices");
+#if defined(ST_ISA_AVX512VNNI)
+  if (vnni_takes(group)) {
+    return run_vnni(st::Nm24I4{codes.const_data_ptr<uint8_t>(), indices.const_data_ptr<uint8_t>(),
+                               check_scales(scale, out, in_features, group, st::vnni::kBlock), in_features},
+                    x, bias, out);
+  }
+#endif
   st::Nm24I4 w{codes.const_data_ptr<uint8_t>(), indices.const_data_ptr<uint8_t>(),
                check_scales(scale, out, in_features, group, 2 * st::W), in_features};
+  return run_quantized(w, x, bias, out);
+}
+
+at::Tensor bitmask_int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& bitmask,
+                               const at::Tensor& row_offsets, const at::Tensor& scale,
+                               const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t group) {
+  const int64_t out = row_offsets.numel();
+  check_part(row_offsets, at::kLong, out, "row_offsets");
+  check_part(bitmask, at::kByte, out * ((in_features + 7) / 8), "bitmask");
+  check_part(codes, at::kByte, 0, "codes");
+  const uint8_t *pc = codes.const_data_ptr<uint8_t>(), *pm = bitmask.const_data_ptr<uint8_t>();
+  const int64_t* po = row_offsets.const_data_ptr<int64_t>();
+#if defined(ST_ISA_AVX512VNNI)
+  if (vnni_takes(group)) {
+    return run_vnni(st::BitmaskI4{pc, pm, po, check_scales(scale, out, in_features, group, st::vnni::kBlock),
+                                  in_features},
+                    x, bias, out);
+  }
+#endif
+  st::BitmaskI4 w{pc, pm, po, check_scales(scale, out, in_features, group, st::W), in_features};
   return run_quantized(w, x, bias, out);
 }
 
@@ -243,6 +322,13 @@ at::Tensor dense_int4_linear(const at::Tensor& x, const at::Tensor& codes, const
               codes.sizes());
   const int64_t out = codes.size(0);
   check_part(codes, at::kByte, out * row_bytes, "codes");
+#if defined(ST_ISA_AVX512VNNI)
+  if (vnni_takes(group)) {
+    return run_vnni(st::DenseI4{codes.const_data_ptr<uint8_t>(), row_bytes,
+                                check_scales(scale, out, in_features, group, st::vnni::kBlock), in_features},
+                    x, bias, out);
+  }
+#endif
   st::DenseI4 w{codes.const_data_ptr<uint8_t>(), row_bytes, check_scales(scale, out, in_features, group, st::W),
                 in_features};
   return run_quantized(w, x, bias, out);
@@ -307,7 +393,13 @@ void sparsegpt_sweep_joint(const at::Tensor& block, const at::Tensor& hinv, cons
                    [&](int64_t s0, int64_t s1) { st::sparsegpt_sweep_joint(s, q, pb, ph, pp, pe, s0, s1); });
 }
 
-std::string isa() { return st::Simd::name; }
+std::string isa() {
+#if defined(ST_ISA_AVX512VNNI)
+  return "avx512vnni";
+#else
+  return st::Simd::name;
+#endif
+}
 
 }  // namespace
 
@@ -330,6 +422,9 @@ ST_LIBRARY(ST_NAMESPACE, m) {
   m.def("nm24_int4_linear(Tensor x, Tensor codes, Tensor indices, Tensor scale, Tensor? bias, int in_features, "
         "int group) -> Tensor",
         &nm24_int4_linear);
+  m.def("bitmask_int4_linear(Tensor x, Tensor codes, Tensor bitmask, Tensor row_offsets, Tensor scale, Tensor? bias, "
+        "int in_features, int group) -> Tensor",
+        &bitmask_int4_linear);
   m.def("dense_int4_linear(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int in_features, int group) -> Tensor",
         &dense_int4_linear);
   m.def("sparsegpt_sweep(Tensor(a!) block, Tensor hinv, Tensor(b!) pruned, Tensor(c!) errors, int n, int m) -> ()",

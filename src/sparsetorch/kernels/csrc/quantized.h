@@ -10,6 +10,7 @@
 //   BitmaskI8  int8 codes of the kept weights, row-major, with the bitmask structure's bits and offsets
 //   Nm24I4     2:4 values as 4-bit codes (code + 8, two per byte, low nibble first), 2-bit indices
 //   DenseI4    4-bit codes (code + 8) of every weight, rows padded to 8 codes (compressed-tensors' packing)
+//   BitmaskI4  4-bit codes (code + 8) of the kept weights, two per byte, flat in row-major order
 #pragma once
 #include "kernels.h"
 
@@ -50,6 +51,18 @@ struct Nm24I4 {
 
   inline int64_t row_values() const { return in / 2; }
   inline int64_t row_bytes() const { return (in + 7) / 8; }
+};
+
+struct BitmaskI4 {
+  const uint8_t* codes;  // code k of the flat sequence in byte k / 2, low nibble when k is even
+  const uint8_t* bits;   // as BitmaskI8's
+  const int64_t* row_offsets;  // in codes
+  Scales s;
+  int64_t in;
+
+  inline int64_t row_bytes() const { return (in + 7) / 8; }
+  // Code k of the flat sequence, as a weight in units of the scale.
+  inline float code(int64_t k) const { return static_cast<float>(static_cast<int>((codes[k >> 1] >> ((k & 1) * 4)) & 15) - 8); }
 };
 
 struct DenseI4 {
@@ -176,6 +189,31 @@ void quant_rows_kernel(const Nm24I4& w, const float* x, const float* bias, float
       for (int j = 0; j < B; ++j) acc[j] = Simd::fma(wv, Simd::nm24_select(x + j * w.in + 2 * k, index, cols), acc[j]);
     };
     grouped_row_sums<B>(per / W, per % W != 0, w.s.group_chunks, w.s.row(r), chunk, sums);
+    store_row<B>(sums, bias, y, out, r);
+  }
+}
+
+// The portable path (no nibble expansion in hardware): a chunk's kept codes are unpacked one by one
+// into floats, then placed by the fp32 bitmask expansion. The avx512vnni build does better.
+template <int B>
+void quant_rows_kernel(const BitmaskI4& w, const float* x, const float* bias, float* y, int64_t out, int64_t r0,
+                       int64_t r1) {
+  const int64_t bytes = w.row_bytes();
+  float sums[B];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* m = w.bits + r * bytes;
+    int64_t next = w.row_offsets[r];
+    auto chunk = [&](int64_t i, auto whole, V* acc) ST_LAMBDA_INLINE {
+      const int64_t c = i * W;
+      const auto bits = static_cast<uint32_t>(read_word<W / 8>(m + i * (W / 8), bytes - i * (W / 8), whole));
+      float kept[W];
+      const int n = __builtin_popcount(bits);
+      for (int t = 0; t < n; ++t) kept[t] = w.code(next + t);
+      next += n;
+      const V wv = Simd::expand(kept, bits);
+      for (int j = 0; j < B; ++j) acc[j] = Simd::fma(wv, x_chunk(x, w.in, j, c, whole), acc[j]);
+    };
+    grouped_row_sums<B>(w.in / W, w.in % W != 0, w.s.group_chunks, w.s.row(r), chunk, sums);
     store_row<B>(sums, bias, y, out, r);
   }
 }

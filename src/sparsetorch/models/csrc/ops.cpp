@@ -111,7 +111,9 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
 }
 
 std::string isa() {
-#if defined(ST_ISA_AVX512)
+#if defined(ST_ISA_AVX512VNNI)
+  return "avx512vnni";
+#elif defined(ST_ISA_AVX512)
   return "avx512";
 #elif defined(ST_ISA_AVX2)
   return "avx2";
