@@ -196,7 +196,7 @@ at::Tensor run_quantized(const Format& w, const at::Tensor& x, const c10::option
 }
 
 #if defined(ST_ISA_AVX512VNNI)
-// int8 activations (quantized_vnni.h): x rounded once per call, then batch rows in slabs of up to 8 as above.
+// int8 activations (quantized_vnni.h): x rounded once per call, then batch rows in slabs of up to 8.
 template <class Format>
 at::Tensor run_vnni(const Format& w, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t out) {
   check_input(x, w.in, bias, out);
@@ -209,16 +209,21 @@ at::Tensor run_vnni(const Format& w, const at::Tensor& x, const c10::optional<at
   st::vnni::quantize_activations(x.const_data_ptr<float>(), batch, w.in, w.s.group_chunks, codes.data_ptr<int8_t>(),
                                  scales.data_ptr<float>(), offsets.data_ptr<float>(), blocks, groups);
   const float* pb = bias ? bias->const_data_ptr<float>() : nullptr;
-  for (int64_t b0 = 0; b0 < batch; b0 += kQuantRows) {
-    const st::vnni::ActivationBlocks xb{pc + b0 * blocks * st::vnni::kBlock, ps + b0 * blocks, po + b0 * groups,
-                                        blocks, groups};
-    float* py = y.data_ptr<float>() + b0 * out;
-    with_rows(std::min(kQuantRows, batch - b0), [&](auto rows) {
-      at::parallel_for(0, out, kRowsGrain, [&](int64_t r0, int64_t r1) {
-        st::vnni::rows_kernel<decltype(rows)::value>(w, xb, pb, py, out, r0, r1);
-      });
-    });
-  }
+  float* py = y.data_ptr<float>();
+  // Each thread takes its weight rows a tile at a time and runs every slab of up to 8 batch rows over
+  // the tile while it is in cache: a prefill reads the weight from memory once, not once per slab.
+  at::parallel_for(0, out, kRowsGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t t0 = r0; t0 < r1; t0 += kRowsGrain) {
+      const int64_t t1 = std::min(r1, t0 + kRowsGrain);
+      for (int64_t b0 = 0; b0 < batch; b0 += kQuantRows) {
+        const st::vnni::ActivationBlocks xb{pc + b0 * blocks * st::vnni::kBlock, ps + b0 * blocks, po + b0 * groups,
+                                            blocks, groups};
+        with_rows(std::min(kQuantRows, batch - b0), [&](auto rows) {
+          st::vnni::rows_kernel<decltype(rows)::value>(w, xb, pb, py + b0 * out, out, t0, t1);
+        });
+      }
+    }
+  });
   return y;
 }
 
