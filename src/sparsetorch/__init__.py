@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "PruneConfig": "sparsetorch.oneshot",
     "PruneReport": "sparsetorch.oneshot",
     "prune": "sparsetorch.oneshot",
+    "prune_directory": "sparsetorch.oneshot",
     "Sparsifier": "sparsetorch.training",
     "recover": "sparsetorch.training",
 }
@@ -35,6 +36,7 @@ __all__ = [
     "__version__",
     "parse_pattern",
     "prune",
+    "prune_directory",
     "recover",
 ]
 

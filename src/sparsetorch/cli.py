@@ -32,6 +32,9 @@ EXAMPLES = """examples:
 """
 
 
+STREAM_FRACTION = 0.5  # of the available memory: larger models are pruned streaming
+
+
 class UserError(Exception):
     """A problem with what the user asked for; printed as one line, exit status 2."""
 
@@ -110,6 +113,15 @@ def _add_prune_options(parser: argparse.ArgumentParser, default_method: str, def
                           "compressed-tensors 0.14 layout (default: zstd)")
 
 
+def _add_stream_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stream", action="store_true",
+                        help="never load the whole model: read each decoder block from the safetensors shards just "
+                             "before its turn and write it out once pruned (Llama-family models), so peak memory is "
+                             "about one block plus the calibration activations and embeddings. Chosen by itself "
+                             f"when the model's weights exceed {STREAM_FRACTION * 100:.0f}%% of the available memory. "
+                             "Keeps the weights in the dtype they are stored in")
+
+
 def _add_quantize_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("quantization")
     group.add_argument("--quantize", metavar="{int8,int4}",
@@ -162,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "loads (dense) plus its compressed form and sparsity.json.")
     prune.add_argument("model", nargs="?", help="local HF model directory (default: the bundled SmolLM2-135M-Instruct)")
     _add_prune_options(prune, "wanda")
+    _add_stream_option(prune)
     _add_quantize_options(prune)
     _add_data_options(prune, calibration=True, evaluation=False)
     prune.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -392,7 +405,10 @@ def _check_disk(out: Path, model, config) -> None:
     weight = next(model.parameters())
     dense = count_parameters(model) * weight.element_size()
     pruned = sum(m.weight.numel() for m in find_targets(model, config.targets, config.ignore).values())
-    needed = 2 * dense + pruned * (weight.element_size() + 1)
+    _check_free(out, 2 * dense + pruned * (weight.element_size() + 1))
+
+
+def _check_free(out: Path, needed: int) -> None:
     parent = _existing_parent(out)
     free = shutil.disk_usage(parent).free
     if free < needed:
@@ -468,7 +484,9 @@ def _sizes(out: Path) -> tuple[int, int]:
 
 def _cmd_prune(args) -> int:
     from sparsetorch.formats.lock import output_lock
+    from sparsetorch.runtime.malloc import fix_mmap_threshold
 
+    fix_mmap_threshold()  # each layer's MB-sized temporaries go back when freed, not into a growing heap
     config = _config_from_args(args)
     out = args.out or _default_out(args.model, config)
     _check_out(out, args.overwrite)
@@ -478,11 +496,107 @@ def _cmd_prune(args) -> int:
 
 def _prune_into(args, config, out: Path) -> int:
     """`sparsetorch prune` once this process holds the output's lock."""
+    from transformers import AutoModelForCausalLM  # noqa: F401  (both paths run its code: part of the baseline)
+
+    from sparsetorch.evaluate.memory import peak_rss_bytes
+    from sparsetorch.models import resolve_model_path
+
+    args.memory_base = peak_rss_bytes()  # what the expected memory comes on top of
+    _check_out(out, args.overwrite)  # again under the lock: the run that held it may have just written it
+    path = resolve_model_path(args.model, progress=not args.quiet)
+    if _choose_stream(args, path):
+        return _prune_streaming(args, config, out, path)
+    return _prune_in_memory(args, config, out)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable), or all physical memory elsewhere."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _choose_stream(args, path: Path) -> bool:
+    """--stream, or a model whose weights (as float32, how the in-memory path loads them) exceed
+    STREAM_FRACTION of the available memory; says which and why."""
+    from sparsetorch.formats.sharded import ShardedWeights
+
+    if args.stream:
+        print("streaming the model block by block (--stream)")
+        return True
+    try:
+        with ShardedWeights(path) as weights:
+            size = sum(weights.spec(name).numel for name in weights.keys()) * 4
+    except (FileNotFoundError, ValueError):
+        return False  # not safetensors: only the in-memory path reads it
+    available = _available_memory()
+    if size <= STREAM_FRACTION * available:
+        return False
+    print(f"streaming the model block by block: its weights ({size / 1e9:.1f} GB as float32) exceed "
+          f"{STREAM_FRACTION:.0%} of the available memory ({available / 1e9:.1f} GB)")
+    return True
+
+
+def _memory_record(bound: int, streamed: bool, base: int):
+    """sparsity.json's `memory` entry, measured when the save calls it (the save raises the peak too).
+    `base`: the peak before the model was touched (the interpreter and its libraries), which the bound
+    (`memory_bound`: weights, activations, statistics) comes on top of."""
+    from sparsetorch.evaluate.memory import peak_rss_bytes
+
+    def record() -> dict:
+        return {"memory": {"streamed": streamed, "peak_rss_bytes": peak_rss_bytes(), "expected_bytes": base + bound,
+                           "base_bytes": base}}
+
+    return record
+
+
+def _print_memory(out: Path) -> None:
+    from sparsetorch.formats.pruned import read_sparsity
+
+    memory = read_sparsity(out)["memory"]
+    print(f"peak memory         {memory['peak_rss_bytes'] / 1e9:8.2f} GB  (expected about "
+          f"{memory['expected_bytes'] / 1e9:.2f} GB: {memory['base_bytes'] / 1e9:.2f} GB before the model, then "
+          f"{'one block at a time' if memory['streamed'] else 'the whole model'} and the calibration)")
+
+
+def _prune_streaming(args, config, out: Path, path: Path) -> int:
+    """`sparsetorch prune` one block in memory at a time (`oneshot/streaming.py`)."""
+    from transformers import AutoTokenizer
+
+    from sparsetorch.formats.sharded import ShardedWeights
+    from sparsetorch.oneshot.streaming import memory_bound, prune_directory
+
+    with ShardedWeights(path) as weights:  # the stored dtype is kept: dense, compressed, checkpoint (+ masks)
+        _check_free(out, 3 * weights.nbytes() + sum(weights.spec(name).numel for name in weights.keys()))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    windows, calibration = _calibration(args, tokenizer, config)
+    resume = Path(f"{out}.resume")
+    if args.restart:
+        shutil.rmtree(resume, ignore_errors=True)
+    elif resume.exists():
+        print(f"resuming the interrupted run saved in {resume} (--restart starts afresh)")
+    args.resume_dir = resume
+    bound = memory_bound(path, config, None if windows is None else tuple(windows.shape))
+    started = time.perf_counter()
+    report = prune_directory(path, out, windows, config, tokenizer=tokenizer, calibration_info=calibration,
+                             resume=resume, codec=args.codec, overwrite=args.overwrite, progress=not args.quiet,
+                             annotate=_memory_record(bound.total, True, args.memory_base))
+    print(f"pruned {len(report.layers)} layers with {config.method} ({config.pattern}) and wrote them in "
+          f"{time.perf_counter() - started:.1f} s, streaming: sparsity {report.sparsity:.2%}")
+    _print_sizes(out, args.codec)
+    return 0
+
+
+def _prune_in_memory(args, config, out: Path) -> int:
     from sparsetorch.formats.pruned import save_pruned
     from sparsetorch.models import load_model
     from sparsetorch.oneshot.pipeline import prune
 
-    _check_out(out, args.overwrite)  # again under the lock: the run that held it may have just written it
     model, tokenizer, path = load_model(args.model, progress=not args.quiet)
     _check_disk(out, model, config)
     windows, calibration = _calibration(args, tokenizer, config)
@@ -494,15 +608,36 @@ def _prune_into(args, config, out: Path) -> int:
     print(f"pruned {len(report.layers)} layers with {config.method} ({config.pattern}) in {report.seconds:.1f} s: "
           f"sparsity {report.sparsity:.2%}{quantized}")
     save_pruned(model, out, report.to_dict(), tokenizer=tokenizer, calibration=calibration, source=str(path),
-                codec=args.codec, overwrite=args.overwrite, grids=report.grids or None)
+                codec=args.codec, overwrite=args.overwrite, grids=report.grids or None,
+                annotate=_memory_record(_in_memory_bound(model, config, windows, path), False, args.memory_base))
     if checkpoint is not None:
         checkpoint.clear()
+    _print_sizes(out, args.codec)
+    return 0
+
+
+def _in_memory_bound(model, config, windows, path: Path) -> int:
+    """What an in-memory prune should hold: the whole model, plus a streamed run's activations and
+    statistics where those can be worked out (a family with a block layout, safetensors weights)."""
+    from sparsetorch.models import count_parameters
+    from sparsetorch.oneshot.streaming import memory_bound
+
+    weight = next(model.parameters())
+    total = count_parameters(model) * weight.element_size()
+    try:
+        bound = memory_bound(path, config, None if windows is None else tuple(windows.shape), weight.dtype)
+    except (ValueError, FileNotFoundError):
+        return total
+    return total + bound.activations + bound.statistics
+
+
+def _print_sizes(out: Path, codec: str) -> None:
     dense, compressed = _sizes(out)
     print(f"dense weights       {dense / 1e6:8.1f} MB  {out / 'model.safetensors'}")
     print(f"compressed weights  {compressed / 1e6:8.1f} MB  {out / 'compressed' / 'model.safetensors'}  "
-          f"({compressed / dense:.2f}x of dense, codec {args.codec})")
+          f"({compressed / dense:.2f}x of dense, codec {codec})")
+    _print_memory(out)
     print(f"saved to {out}")
-    return 0
 
 
 def _cmd_recover(args) -> int:

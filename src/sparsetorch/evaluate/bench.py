@@ -26,7 +26,7 @@ from sparsetorch.evaluate.report import file_size
 from sparsetorch.formats.checkpoint import COMPRESSED_DIR, WEIGHTS_FILE
 from sparsetorch.runtime.config import RuntimeConfig
 
-__all__ = ["BenchConfig", "BenchResult", "VariantResult", "run_bench"]
+__all__ = ["BenchConfig", "BenchResult", "VariantResult", "run_bench", "run_variant", "summarize_runs"]
 
 VARIANTS = ("dense", "sparse")
 
@@ -92,7 +92,13 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _worker(directory: Path, variant: str, config: BenchConfig, out: Path, ids: dict[str, list[int]]) -> dict:
+def run_variant(directory: Path, variant: str, config: BenchConfig, out: Path, ids: dict[str, list[int]]) -> dict:
+    """One `bench_worker` run of `variant` ('dense' or 'sparse') in a fresh process; its JSON result
+    (also written to `out`). Benchmarks that alternate with other engines call it one run at a time.
+
+    Raises:
+        RuntimeError: the worker process failed (its stderr's tail in the message).
+    """
     job = out.with_suffix(".job.json")
     job.write_text(json.dumps({
         "directory": str(directory), "variant": variant, "prefill_tokens": config.prefill_tokens,
@@ -106,7 +112,8 @@ def _worker(directory: Path, variant: str, config: BenchConfig, out: Path, ids: 
     return json.loads(out.read_text())
 
 
-def _summarize(variant: str, runs: list[dict], disk_bytes: int) -> VariantResult:
+def summarize_runs(variant: str, runs: list[dict], disk_bytes: int) -> VariantResult:
+    """Medians over the runs of one variant (`run_variant` results)."""
     prefill = [r["prefill_tokens"] / s for r in runs for s in r["prefill_seconds"]]
     decode = [r["decode_tokens"] / s for r in runs for s in r["decode_seconds"]]
     return VariantResult(
@@ -145,6 +152,6 @@ def run_bench(directory: str | Path, config: BenchConfig | None = None, progress
             for variant in VARIANTS:
                 if progress:
                     print(f"==> round {round_ + 1}/{config.rounds}: {variant}", flush=True)
-                runs[variant].append(_worker(directory, variant, config, Path(scratch) / f"{variant}-{round_}.json", ids))
-    dense, sparse = (_summarize(v, runs[v], file_size(disk[v])) for v in VARIANTS)
+                runs[variant].append(run_variant(directory, variant, config, Path(scratch) / f"{variant}-{round_}.json", ids))
+    dense, sparse = (summarize_runs(v, runs[v], file_size(disk[v])) for v in VARIANTS)
     return BenchResult(dense, sparse)

@@ -27,10 +27,10 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from sparsetorch.formats import codec as codecs
@@ -43,14 +43,22 @@ from sparsetorch.formats.quantized_layers import (
     record_dtype,
     records_from_config,
 )
+from sparsetorch.formats.safetensors_writer import SpooledFile
 from sparsetorch.formats.tensorfile import TensorFile, TensorFileError
 from sparsetorch.quantize import QuantGrid
 
 __all__ = [
     "COMPRESSED_DIR",
     "CompressedReader",
+    "CompressedTensors",
+    "CompressedWriter",
     "CorruptFileError",
     "atomic_directory",
+    "check_codec",
+    "codec_metadata",
+    "compress_tensors",
+    "encode_tensor",
+    "finish_compressed",
     "load_compressed_model",
     "open_compressed",
     "read_compressed_state_dict",
@@ -157,9 +165,10 @@ def _unique_state(model: nn.Module, keep: set[str] = frozenset()) -> tuple[dict[
     return {name: state[name] for name in tensors if name in state}, tied
 
 
-def _compressed_tensors_config(model: nn.Module, structure: str, ignore: Iterable[str], sparsity: float,
+def _compressed_tensors_config(config: dict, structure: str, ignore: Iterable[str], sparsity: float,
                                quantized: dict[str, dict[str, str]], has_sparse: bool = True) -> dict:
-    config = model.config.to_dict() if hasattr(model, "config") else {}
+    """`config` (the model's config.json dict) with compressed-tensors' `quantization_config`."""
+    config = dict(config)
     config.pop("quantization_config", None)
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
@@ -181,6 +190,129 @@ def _compressed_tensors_config(model: nn.Module, structure: str, ignore: Iterabl
     return config
 
 
+@dataclass
+class CompressedTensors:
+    """What the compressed form stores for some of a model's tensors, before any codec: the stored
+    tensors, the zeros and weights counted in its sparse layers, and its quantized layers' records."""
+
+    tensors: dict[str, Tensor]
+    zeros: int = 0
+    total: int = 0
+    quantized: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def compress_tensors(state: dict[str, Tensor], sparse_layers: Iterable[str],
+                     grids: Mapping[str, QuantGrid]) -> CompressedTensors:
+    """The stored form of `state` (tied duplicates already removed; emptied by the call): each sparse layer's
+    weight as a bitmask, each gridded weight as integer codes, the rest as they are. Any part of a model's
+    state can go alone (one block at a time), and the parts together store what the whole would.
+
+    Raises:
+        ValueError: a gridded weight not exactly on its grid.
+    """
+    sparse_layers = [name for name in sparse_layers if f"{name}.weight" in state]  # others: in another part
+    grids = {name: grid for name, grid in grids.items() if f"{name}.weight" in state}
+    part = CompressedTensors({})
+    for name in sparse_layers:
+        if name in grids:
+            weight = state[f"{name}.weight"]
+            part.zeros, part.total = part.zeros + int((weight == 0).sum()), part.total + weight.numel()
+    part.tensors, part.quantized = quantize_layers(state, grids, set(sparse_layers))
+    for name in sparse_layers:
+        if f"{name}.weight" not in state:  # quantized above
+            continue
+        weight = state.pop(f"{name}.weight")
+        packed = BitmaskTensor.from_dense(weight)
+        part.tensors.update(packed.state_dict(name))
+        part.zeros += weight.numel() - packed.values.numel()
+        part.total += weight.numel()
+    part.tensors.update(state)
+    state.clear()
+    return part
+
+
+def encode_tensor(tensor: Tensor, codec: str) -> tuple[Tensor, dict | None]:
+    """`tensor` as the file stores it under `codec`, and its codec layout entry (None for 'none')."""
+    if codec == "none":
+        return tensor, None
+    return codecs.encode(tensor), {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+
+
+def codec_metadata(codec: str, layout: Mapping[str, dict]) -> dict[str, str]:
+    """The safetensors metadata of a compressed weights file (the codec's layout by tensor name, sorted)."""
+    metadata = {"format": "pt"}
+    if codec == "zstd":
+        metadata[_CODEC_KEY] = json.dumps({"codec": "zstd-byteplanes", "tensors": dict(sorted(layout.items()))})
+    return metadata
+
+
+def finish_compressed(directory: Path, config: dict, part: CompressedTensors, tied: dict[str, str], *,
+                      structure: str, ignore: Iterable[str], codec: str, has_sparse: bool) -> None:
+    """Write the compressed directory's config.json and manifest once its weights file is complete
+    (quantized layers listed by name, so the order they were written in does not show)."""
+    sparsity = part.zeros / part.total if part.total else 0.0
+    quantized = dict(sorted(part.quantized.items()))
+    full = _compressed_tensors_config(config, structure, ignore, sparsity, quantized, has_sparse=has_sparse)
+    (directory / "config.json").write_text(json.dumps(full, indent=2, sort_keys=True))
+    manifest = {"codec": codec, "tied": tied, "files": {WEIGHTS_FILE: sha256_file(directory / WEIGHTS_FILE)}}
+    if quantized:
+        manifest["quantized"] = quantized
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+
+def check_codec(codec: str) -> None:
+    """Raise ValueError naming the codecs there are, unless `codec` is one."""
+    if codec not in codecs.CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {list(codecs.CODECS)}")
+
+
+class CompressedWriter:
+    """A compressed directory written a few tensors at a time: `add` converts them (`compress_tensors`),
+    codes them and spools them to disk, so only those few are in memory as stored tensors; `finish`
+    completes the weights file (the same bytes whatever the order they came in) and writes the config
+    and manifest.
+
+    Example:
+        >>> writer = CompressedWriter(directory, codec="zstd")
+        >>> writer.add({"model.layers.0.mlp.up_proj.weight": weight}, sparse_layers, grids)
+        >>> writer.finish(model.config.to_dict(), tied={}, structure="2:4", ignore=["lm_head"], has_sparse=True)
+    """
+
+    def __init__(self, directory: Path, codec: str = "zstd") -> None:
+        check_codec(codec)
+        self.directory, self.codec = Path(directory), codec
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.file = SpooledFile(self.directory / WEIGHTS_FILE)
+        self.totals = CompressedTensors({})
+        self.layout: dict[str, dict] = {}
+        self.bytes_written = 0
+
+    def add(self, state: Mapping[str, Tensor], sparse_layers: Iterable[str], grids: Mapping[str, QuantGrid]) -> None:
+        """Store some of the model's tensors (tied duplicates left out); see `compress_tensors`."""
+        part = compress_tensors(dict(state), sparse_layers, grids)
+        for name, tensor in part.tensors.items():
+            stored, entry = encode_tensor(tensor, self.codec)
+            self.file.add(name, stored)
+            self.bytes_written += stored.numel() * stored.element_size()
+            if entry is not None:
+                self.layout[name] = entry
+        self.totals.zeros += part.zeros
+        self.totals.total += part.total
+        self.totals.quantized.update(part.quantized)
+
+    def finish(self, config: dict, tied: dict[str, str], *, structure: str, ignore: Iterable[str],
+               has_sparse: bool) -> None:
+        """Write the weights file, then config.json and the manifest (see `finish_compressed`)."""
+        self.file.metadata = codec_metadata(self.codec, self.layout)
+        self.file.close()
+        finish_compressed(self.directory, config, self.totals, tied, structure=structure, ignore=ignore,
+                          codec=self.codec, has_sparse=has_sparse)
+
+    def abort(self) -> None:
+        """Give up an unfinished write: close and remove the spool."""
+        self.file.abort()
+
+
 def write_compressed(
     model: nn.Module,
     directory: Path,
@@ -193,6 +325,9 @@ def write_compressed(
 ) -> Path:
     """Write `model` to `directory` in sparse-bitmask layout; return the weights file.
 
+    One tensor is converted and coded at a time (`CompressedWriter`), so the write holds little
+    beyond the model itself.
+
     Args:
         sparse_layers: module names whose `.weight` is stored as a bitmask; the rest stay dense.
         structure: compressed-tensors' `sparsity_structure` ('unstructured' or 'N:M').
@@ -203,46 +338,23 @@ def write_compressed(
     Raises:
         ValueError: unknown codec, or a gridded weight not exactly on its grid (quantize it first).
     """
-    if codec not in codecs.CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {list(codecs.CODECS)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    check_codec(codec)
     sparse_layers, grids = list(sparse_layers), dict(grids or {})
     state, tied = _unique_state(model, keep={f"{name}.weight" for name in [*grids, *sparse_layers]})
     unknown = [name for name in grids if f"{name}.weight" not in state and f"{name}.weight" not in tied]
     if unknown:
         raise ValueError(f"grids name modules without a weight in this model: {unknown[:5]}; "
                          "use module names such as 'model.layers.0.mlp.down_proj'")
-    zeros = total = 0
-    for name in sparse_layers:
-        if name in grids and f"{name}.weight" in state:
-            weight = state[f"{name}.weight"]
-            zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
-    tensors, quantized = quantize_layers(state, grids, set(sparse_layers))
-    for name in sparse_layers:
-        if f"{name}.weight" not in state:  # tied to another sparse layer, stored once under its name
-            continue
-        weight = state.pop(f"{name}.weight")
-        packed = BitmaskTensor.from_dense(weight)
-        tensors.update(packed.state_dict(name))
-        zeros += weight.numel() - packed.values.numel()
-        total += weight.numel()
-    tensors.update(state)
-    metadata = {"format": "pt"}
-    if codec == "zstd":
-        layout = {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for name, t in tensors.items()}
-        tensors = {name: codecs.encode(t) for name, t in tensors.items()}
-        metadata[_CODEC_KEY] = json.dumps({"codec": "zstd-byteplanes", "tensors": layout})
-    weights = directory / WEIGHTS_FILE
-    save_file(tensors, weights, metadata=metadata)
-    config = _compressed_tensors_config(model, structure, ignore, zeros / total if total else 0.0, quantized,
-                                        has_sparse=bool(sparse_layers))
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    manifest = {"codec": codec, "tied": tied, "files": {WEIGHTS_FILE: sha256_file(weights)}}
-    if quantized:
-        manifest["quantized"] = quantized
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    return weights
+    writer = CompressedWriter(directory, codec)
+    try:
+        for name in list(state):
+            writer.add({name: state.pop(name)}, sparse_layers, grids)
+        config = model.config.to_dict() if hasattr(model, "config") else {}
+        writer.finish(config, tied, structure=structure, ignore=ignore, has_sparse=bool(sparse_layers))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.directory / WEIGHTS_FILE
 
 
 def _verify_checksums(directory: Path) -> dict:

@@ -42,7 +42,8 @@ def encode(tensor: Tensor) -> Tensor:
     raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     planes = raw.reshape(-1, tensor.element_size()).t().contiguous()  # (itemsize, n)
     compressor = _zstd().ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True, threads=-1)
-    blob = compressor.compress(planes.numpy().tobytes())
+    blob = compressor.compress(planes.numpy())  # read in place: a bytes copy would double the transient
+    planes = None
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 

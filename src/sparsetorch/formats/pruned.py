@@ -29,7 +29,8 @@ from sparsetorch.formats.checkpoint import (
 )
 from sparsetorch.quantize import QuantGrid
 
-__all__ = ["SPARSITY_FILE", "load_pruned", "read_sparsity", "save_pruned", "structure_name", "verify_dense"]
+__all__ = ["SPARSITY_FILE", "load_pruned", "read_sparsity", "save_pruned", "structure_name", "verify_dense",
+           "write_record"]
 
 SPARSITY_FILE = "sparsity.json"
 
@@ -51,6 +52,7 @@ def save_pruned(
     overwrite: bool = False,
     finish: Callable[[Path], None] | None = None,
     grids: Mapping[str, QuantGrid] | None = None,
+    annotate: Callable[[], dict] | None = None,
 ) -> Path:
     """Write a pruned model to `out`: dense HF weights, compressed weights and sparsity.json.
 
@@ -70,6 +72,8 @@ def save_pruned(
         grids: module name ('model.layers.0.mlp.down_proj', 'model.embed_tokens') -> the
             `QuantGrid` its weight lies on (`PruneReport.grids`): the compressed form stores those
             weights as integer codes (`formats.quantized`); the dense form holds their values.
+        annotate: called once the weights are written; its fields are added to sparsity.json (the
+            run's peak memory, say, which the save itself raises).
 
     Raises:
         TypeError: `report` is not a mapping (e.g. a `PruneReport` itself).
@@ -99,21 +103,32 @@ def save_pruned(
         )
         if tokenizer is not None:
             tokenizer.save_pretrained(compressed)
-        record = dict(report)  # a copy: the caller's dict stays as it was
-        record["source_model"] = source
-        record["calibration"] = calibration
-        if grids:
-            record["quantized"] = {name: grid.scheme.name for name, grid in grids.items()}
-        record["files"] = {
-            "dense": WEIGHTS_FILE,
-            "compressed": f"{COMPRESSED_DIR}/{WEIGHTS_FILE}",
-            "codec": codec,
-            "dense_sha256": {p.name: sha256_file(p) for p in sorted(staging.glob("*.safetensors"))},
-        }
-        (staging / SPARSITY_FILE).write_text(json.dumps(record, indent=2))
+        write_record(staging, report, source=source, calibration=calibration, codec=codec, grids=grids,
+                     annotate=annotate)
         if finish is not None:
             finish(staging)
     return out
+
+
+def write_record(staging: Path, report: Mapping[str, Any], *, source: str | None, calibration: dict | None,
+                 codec: str, grids: Mapping[str, QuantGrid] | None = None,
+                 annotate: Callable[[], dict] | None = None) -> None:
+    """Write `sparsity.json` into a finished staging directory: `report` with where the model and the
+    calibration came from, the quantized modules, the files and their SHA-256s, and `annotate()`'s fields."""
+    record = dict(report)  # a copy: the caller's dict stays as it was
+    record["source_model"] = source
+    record["calibration"] = calibration
+    if grids:
+        record["quantized"] = {name: grid.scheme.name for name, grid in grids.items()}
+    record["files"] = {
+        "dense": WEIGHTS_FILE,
+        "compressed": f"{COMPRESSED_DIR}/{WEIGHTS_FILE}",
+        "codec": codec,
+        "dense_sha256": {p.name: sha256_file(p) for p in sorted(staging.glob("*.safetensors"))},
+    }
+    if annotate is not None:
+        record.update(annotate())
+    (staging / SPARSITY_FILE).write_text(json.dumps(record, indent=2))
 
 
 def read_sparsity(directory: str | Path) -> dict:

@@ -75,6 +75,11 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """`key`'s dtype and shape, from the header alone."""
+        entry = self._entries[key]
+        return DTYPES[entry["dtype"]], tuple(entry["shape"])
+
     def nbytes(self, key: str) -> int:
         """Bytes `key` occupies in the file (for an entropy-coded tensor: its coded size)."""
         begin, end = self._entries[key]["data_offsets"]

@@ -339,6 +339,14 @@ class LeanLlama(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (transformers' name for it, so code that finds embeddings finds ours)."""
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The output projection to the vocabulary (transformers' name for it)."""
+        return self.lm_head
+
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         """An empty key/value cache for `batch` sequences (grows past `capacity` as needed)."""
         weight = self.model.embed_tokens.weight

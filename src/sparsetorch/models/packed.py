@@ -68,6 +68,11 @@ class PackedWeights:
             self._entries.popitem(last=False)
         return entry[1]
 
+    def forget(self, modules: set[nn.Module]) -> None:
+        """Drop the packed weights of `modules` (their weights were released, e.g. streamed back to disk)."""
+        for module in modules:
+            self._entries.pop(module, None)
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -8,6 +8,7 @@ from sparsetorch.oneshot.report import LayerReport, PruneReport
 from sparsetorch.oneshot.solvers import SOLVERS, Solver, SolverOptions, get_solver, register_solver
 from sparsetorch.oneshot.sparsegpt import sparsegpt_prune, sparsegpt_quantize_many
 from sparsetorch.oneshot.stats import Gram, InputSqNorms, Statistic
+from sparsetorch.oneshot.streaming import prune_directory
 
 __all__ = [
     "LAYER_INPUTS",
@@ -26,6 +27,7 @@ __all__ = [
     "Statistic",
     "get_solver",
     "prune",
+    "prune_directory",
     "register_layer_inputs",
     "register_solver",
     "sparsegpt_prune",

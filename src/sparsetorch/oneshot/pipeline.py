@@ -9,8 +9,10 @@
 With `quantize`, each layer's weights end on a value grid as the last step of its pruning, and
 the embeddings after the last block (`quantized.py` gives the order).
 
-Calibration windows run in small batches, which keep a block's tensors in cache. Peak memory is
-one block plus the calibration activations, never the whole model's.
+Calibration windows run in small batches, which keep a block's tensors in cache. Beyond the model
+itself, peak memory is one block's work plus the calibration activations. With a `BlockStore`
+(`oneshot/streaming.py`) the model is not held either: its blocks stay on the meta device, and the
+store reads each block's weights before its turn and writes and frees them after.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from functools import partial
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +31,7 @@ from sparsetorch.families import find_blocks, model_type
 from sparsetorch.oneshot.calibrate import LAYER_INPUTS, BlockWork
 from sparsetorch.oneshot.capture import BlockBatches, block_batches, calibration_model, model_forward
 from sparsetorch.oneshot.config import PruneConfig
+from sparsetorch.oneshot.masks import PackedMasks
 from sparsetorch.oneshot.outliers import block_outlier_ratios
 from sparsetorch.oneshot.quantized import quantization_record, quantize_embeddings, round_layer
 from sparsetorch.oneshot.reconstruct import BlockFit, reconstruct_block, refit_layer
@@ -40,7 +44,21 @@ from sparsetorch.precision import calibration_precision, full_precision
 from sparsetorch.quantize import QuantGrid
 from sparsetorch.targets import find_targets, is_conv1d, set_weight_matrix, weight_matrix
 
-__all__ = ["prune"]
+__all__ = ["BlockStore", "prune"]
+
+
+class BlockStore(Protocol):
+    """Where the decoder blocks' weights live when the model is not held whole (`oneshot/streaming.py`).
+
+    The pipeline calls `load` before it works on block `index` and `release` once the block is pruned
+    and checkpointed; on resume, `resume` replaces loading the finished blocks into the model.
+    """
+
+    def resume(self, checkpoint: ResumeCheckpoint, pruner: _LayerPruner) -> tuple[int, list[Tensor] | None]: ...
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def release(self, index: int, block: nn.Module, pruner: _LayerPruner) -> None: ...
 
 
 def prune(
@@ -50,6 +68,7 @@ def prune(
     *,
     progress: bool = True,
     checkpoint: ResumeCheckpoint | None = None,
+    store: BlockStore | None = None,
     **options,
 ) -> PruneReport:
     """Prune `model` in place, one-shot, and report what was done.
@@ -63,6 +82,9 @@ def prune(
         progress: show a progress bar.
         checkpoint: save progress after every block there, and resume from it if it holds
             an earlier interrupted run of the same configuration and calibration data.
+        store: where the blocks' weights are read from and written to, for a model whose blocks are
+            on the meta device (`sparsetorch.oneshot.streaming.prune_directory` builds one); the
+            report then holds no keep masks (the store wrote the weights they are read from).
 
     Returns:
         PruneReport with per-layer sparsity, keep masks and timings (and with `quantize`, the
@@ -88,14 +110,14 @@ def prune(
     with torch.no_grad():
         if not config.calibrated:
             pruner = _LayerPruner(config, targets)
-            pruner.sparsity = _allocate(config, pruner, find_blocks(model, config.blocks), None)
-            for module in tqdm(list(targets.values()), desc=config.method, disable=not progress):
-                pruner.prune_group([module], None)
+            blocks = find_blocks(model, config.blocks)
+            pruner.sparsity = _allocate(config, pruner, blocks, None)
+            _prune_uncalibrated(pruner, blocks, progress, store, checkpoint)
         else:
             calibration = _check_calibration(calibration, model)
             runner, targets = calibration_model(model, targets, calibration.shape[-1], config.blocks)
             pruner = _LayerPruner(config, targets)
-            _prune_with_calibration(runner, calibration, config, pruner, progress, checkpoint)
+            _prune_with_calibration(runner, calibration, config, pruner, progress, checkpoint, store)
         pruner.quantize_embeddings(model)
     return pruner.report(time.perf_counter() - started)
 
@@ -161,7 +183,7 @@ class _LayerPruner:
         self.names = {module: name for name, module in targets.items()}
         self.index = {module: i for i, module in enumerate(targets.values())}
         self.layers: dict[str, LayerReport] = {}
-        self.masks: dict[str, Tensor] = {}
+        self.masks: PackedMasks = PackedMasks()  # a byte per weight as bools would outweigh the model
         self.sparsity: dict[str, float] = {name: config.sparsity for name in targets}  # see `_allocate`
         self.block_fits: dict[int, BlockFit] = {}
         self.scheme = config.scheme
@@ -258,6 +280,37 @@ class _LayerPruner:
                            blocks=self.block_fits, grids=self.grids, quantization=quantization)
 
 
+def _prune_uncalibrated(pruner: _LayerPruner, blocks: nn.ModuleList | None, progress: bool,
+                        store: BlockStore | None, checkpoint: ResumeCheckpoint | None) -> None:
+    """Methods without calibration: every target on its own; block by block when a store holds the blocks."""
+    modules = list(pruner.names)
+    bar = tqdm(total=len(modules), desc=pruner.config.method, disable=not progress)
+    if store is not None:
+        _prune_stored_blocks(pruner, blocks, store, checkpoint, bar)
+    for module in modules:  # all of them in memory; with a store, those outside the blocks
+        if pruner.names[module] not in pruner.layers:
+            pruner.prune_group([module], None)
+            bar.update()
+    bar.close()
+
+
+def _prune_stored_blocks(pruner: _LayerPruner, blocks: nn.ModuleList, store: BlockStore,
+                         checkpoint: ResumeCheckpoint | None, bar: tqdm) -> None:
+    """Each block's targets, the block loaded from and released to `store`, and checkpointed after it."""
+    start = 0 if checkpoint is None else store.resume(checkpoint, pruner)[0]
+    bar.update(len(pruner.layers))
+    named = {name: module for module, name in pruner.names.items()}
+    for index in range(start, len(blocks)):
+        store.load(index, blocks[index])
+        names = [pruner.names[m] for m in blocks[index].modules() if m in pruner.names]
+        for name in names:
+            pruner.prune_group([named[name]], None)
+            bar.update()
+        if checkpoint is not None:
+            checkpoint.save(index, names, named, pruner.layers, pruner.masks, [], pruner.grids)
+        store.release(index, blocks[index], pruner)
+
+
 # ---- calibration-driven pruning -------------------------------------------------------
 
 
@@ -268,6 +321,7 @@ def _prune_with_calibration(
     pruner: _LayerPruner,
     progress: bool,
     checkpoint: ResumeCheckpoint | None,
+    store: BlockStore | None = None,
 ) -> None:
     chunks = list(calibration.split(config.batch_size))
     strategy = LAYER_INPUTS[config.layer_inputs]()
@@ -280,14 +334,20 @@ def _prune_with_calibration(
     batches = block_batches(model, blocks, chunks)
     pruner.sparsity = _allocate(config, pruner, blocks, batches)  # before a resume restores pruned blocks
     modules = dict(model.named_modules())
-    start, saved = (0, None) if checkpoint is None else checkpoint.restore(modules, pruner.layers, pruner.masks,
-                                                                           pruner.grids)
+    if checkpoint is None:
+        start, saved = 0, None
+    elif store is None:
+        start, saved = checkpoint.restore(modules, pruner.layers, pruner.masks, pruner.grids)
+    else:
+        start, saved = store.resume(checkpoint, pruner)
     hidden = batches.hidden if saved is None else saved
     bar = tqdm(total=len(blocks), initial=start, desc=f"{config.method} {config.pattern}", disable=not progress,
                mininterval=0)  # every block shows: there are few, and each is a moment an interrupt may come
     fit_blocks = config.reconstruct == "block"
     for index in range(start, len(blocks)):
         block = blocks[index]
+        if store is not None:
+            store.load(index, block)
         pending = pruner.pending(block)
         names = [pruner.names[m] for m in pending]
         forwards = batches.forwards(block, hidden)
@@ -303,6 +363,8 @@ def _prune_with_calibration(
                 pruner.block_fits[index] = pruner.fit_block(block, forwards, targets, hidden)
         if checkpoint is not None:
             checkpoint.save(index, names, modules, pruner.layers, pruner.masks, hidden, pruner.grids)
+        if store is not None:
+            store.release(index, block, pruner)
         bar.update()
     bar.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from torch import Tensor
@@ -51,7 +52,7 @@ class PruneReport:
 
     config: PruneConfig
     layers: dict[str, LayerReport]
-    masks: dict[str, Tensor] = field(repr=False)
+    masks: Mapping[str, Tensor] = field(repr=False)  # layer name -> bool keep mask (held packed: `oneshot/masks.py`)
     seconds: float
     blocks: dict = field(default_factory=dict)  # block index -> its reconstruction (reconstruct='block')
     grids: dict[str, QuantGrid] = field(default_factory=dict, repr=False)

@@ -15,7 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,16 +51,17 @@ class DamagedCheckpointError(StaleCheckpointError):
 SAMPLES = 4096  # values hashed per parameter: enough to tell models apart, cheap for any size
 
 
-def model_identity(model: nn.Module, config: PruneConfig) -> dict:
+def model_identity(model: nn.Module, config: PruneConfig, read: Callable[[str], Tensor] | None = None) -> dict:
     """What a resumed run must share with the interrupted one's model: every parameter's name, shape and
     dtype, and a hash of evenly spaced values of the parameters pruning never writes (embeddings, norms,
-    biases, layers left dense), so the identity is the same before and after some blocks were pruned."""
+    biases, layers left dense), so the identity is the same before and after some blocks were pruned.
+    `read(name)`: the values of a parameter still on the meta device (a model streamed from its files)."""
     pruned = {f"{name}.weight" for name in find_targets(model, config.targets, config.ignore)}
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
         if name not in pruned and param.numel():
-            flat = param.detach().reshape(-1)
+            flat = (read(name) if param.is_meta and read is not None else param.detach()).reshape(-1)
             count = min(SAMPLES, flat.numel())
             picks = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)  # exact in int64
             digest.update(flat[picks].float().cpu().numpy().tobytes())
@@ -90,11 +93,12 @@ class ResumeCheckpoint:
     """
 
     def __init__(self, directory: str | Path, config: PruneConfig, calibration: Tensor,
-                 model: nn.Module | None = None) -> None:
-        """`model`, before it is pruned: a checkpoint of another model is then refused (see `model_identity`)."""
+                 model: nn.Module | None = None, read: Callable[[str], Tensor] | None = None) -> None:
+        """`model`, before it is pruned: a checkpoint of another model is then refused (see `model_identity`,
+        and for `read`, a streamed model's)."""
         self.directory = Path(directory)
         self.fingerprint = _fingerprint(config, calibration)
-        self.model = None if model is None else model_identity(model, config)
+        self.model = None if model is None else model_identity(model, config, read)
         self.scheme = config.scheme
 
     def _progress(self) -> dict | None:
@@ -143,16 +147,37 @@ class ResumeCheckpoint:
 
     def _read(self, progress: dict) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
         """The finished blocks' tensors and the next block's inputs, or DamagedCheckpointError."""
-        path = self.directory
+        blocks = [self._load(self.directory / f"block-{index:04d}.safetensors", load_file)
+                  for index in range(progress["blocks_done"])]
+        return blocks, self._hidden(progress)
+
+    def _hidden(self, progress: dict) -> list[Tensor]:
+        return self._load(self.directory / progress.get("hidden", _LEGACY_HIDDEN),
+                          partial(torch.load, weights_only=True))
+
+    def _load(self, path: Path, read: Callable[[Path], object]):
         try:
-            blocks = []
-            for index in range(progress["blocks_done"]):
-                path = self.directory / f"block-{index:04d}.safetensors"
-                blocks.append(load_file(path))
-            path = self.directory / progress.get("hidden", _LEGACY_HIDDEN)
-            return blocks, torch.load(path, weights_only=True)
+            return read(path)
         except Exception as err:  # safetensors, pickle and zip raise many kinds for a damaged file
             raise self._damaged(path, err) from None
+
+    def resume_point(self, layers: dict) -> tuple[int, list[Tensor] | None]:
+        """For a run that reads finished blocks back one at a time (`block`): fill `layers` with the saved
+        per-layer reports; return (next block, its inputs), (0, None) when there is nothing to resume."""
+        progress = self._progress()
+        if progress is None:
+            return 0, None
+        hidden = self._hidden(progress)
+        for name, record in progress["layers"].items():
+            layers[name] = LayerReport(**{**record, "shape": tuple(record["shape"])})
+        return progress["blocks_done"], hidden
+
+    def block(self, index: int, modules: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, QuantGrid]]:
+        """Finished block `index`'s pruned weights (by parameter name, e.g. 'model.layers.0.mlp.up_proj.weight')
+        and, when the run quantizes, their value grids (`modules`: the model's, by name, for their shapes)."""
+        tensors = self._load(self.directory / f"block-{index:04d}.safetensors", load_file)
+        weights = {key: tensor for key, tensor in tensors.items() if key.endswith(".weight")}
+        return weights, self._grids(tensors, modules)
 
     def _grids(self, tensors: dict[str, Tensor], modules: dict[str, nn.Module]) -> dict[str, QuantGrid]:
         """The value grids of one saved block's layers (none when the run does not quantize)."""
