@@ -74,13 +74,17 @@ def bind_dense_int8(weight: QuantizedTensor, isa: str) -> Run:
     return lambda x, bias: op(x, codes, scale, bias, group)
 
 
-@CPU.register("bitmask-int8", "linear", supports=_symmetric_fp32)
-def bind_bitmask_int8(weight: QuantizedTensor, isa: str) -> Run:
-    op, cols = load_isa(isa).bitmask_int8_linear, weight.shape[1]
-    codes, bitmask = weight.codes.reshape(-1), weight.index.bitmask  # int8 (kept,), uint8 (out, ceil(in / 8))
+def _bind_bitmask(weight: QuantizedTensor, op) -> Run:
+    """A bitmask structure's op over its flat codes (int8 (kept,), or 4-bit two per byte), bits and row offsets."""
+    cols, codes, bitmask = weight.shape[1], weight.codes.reshape(-1), weight.index.bitmask  # bits (out, ceil(in / 8))
     offsets = weight.index.row_offsets.to(torch.int64)
     scale, group = _scales(weight)
     return lambda x, bias: op(x, codes, bitmask, offsets, scale, bias, cols, group)
+
+
+@CPU.register("bitmask-int8", "linear", supports=_symmetric_fp32)
+def bind_bitmask_int8(weight: QuantizedTensor, isa: str) -> Run:
+    return _bind_bitmask(weight, load_isa(isa).bitmask_int8_linear)
 
 
 @CPU.register("nm-int4", "linear", supports=_is_2_4)
@@ -93,11 +97,7 @@ def bind_nm_int4(weight: QuantizedTensor, isa: str) -> Run:
 
 @CPU.register("bitmask-int4", "linear", supports=_symmetric_fp32)
 def bind_bitmask_int4(weight: QuantizedTensor, isa: str) -> Run:
-    op, cols = load_isa(isa).bitmask_int4_linear, weight.shape[1]
-    codes, bitmask = weight.codes.reshape(-1), weight.index.bitmask  # uint8 (ceil(kept / 2),), uint8 (out, ceil(in / 8))
-    offsets = weight.index.row_offsets.to(torch.int64)
-    scale, group = _scales(weight)
-    return lambda x, bias: op(x, codes, bitmask, offsets, scale, bias, cols, group)
+    return _bind_bitmask(weight, load_isa(isa).bitmask_int4_linear)
 
 
 @CPU.register("dense-int4", "linear", supports=_symmetric_fp32)
