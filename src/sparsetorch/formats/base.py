@@ -7,12 +7,14 @@ with a clear error for missing tensors, and byte counts come from here.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["CorruptTensorError", "SparseWeight", "shape_tensor", "shape_tuple"]
+__all__ = ["CorruptTensorError", "SparseWeight", "check_joinable", "shape_tensor", "shape_tuple"]
 
 
 class CorruptTensorError(ValueError):
@@ -29,6 +31,19 @@ def shape_tuple(shape: Tensor, name: str) -> tuple[int, int]:
     if len(values) != 2 or min(values) < 0:
         raise CorruptTensorError(f"{name}: shape {list(values)} is not a 2-D weight shape")
     return values  # type: ignore[return-value]
+
+
+def check_joinable(cls: type, weights: Sequence[SparseWeight]) -> None:
+    """Raise ValueError unless `weights` are all `cls` with one layout, width and value dtype (`cat_rows`)."""
+    if not weights:
+        raise ValueError("cat_rows needs at least one weight")
+    first = weights[0]
+    for weight in weights:
+        if (type(weight) is not cls or weight.layout() != first.layout() or weight.shape[1] != first.shape[1]
+                or weight.values.dtype != first.values.dtype):
+            raise ValueError(f"cannot join the rows of a {type(weight).__name__} {weight.shape} {weight.layout()} "
+                             f"to a {cls.__name__} {first.shape} {first.layout()}: formats, layouts, widths "
+                             "and value dtypes must agree")
 
 
 class SparseWeight:
@@ -57,6 +72,28 @@ class SparseWeight:
     def from_mask(cls, mask: Tensor, values: Tensor, *layout):
         """Build from a (rows, cols) bool mask and its values in row-major order (what a bitmask stores)."""
         raise NotImplementedError
+
+    def layout(self) -> tuple:
+        """What `from_mask` takes besides the mask and the values (N:M: n, m)."""
+        return ()
+
+    def stored_mask(self) -> Tensor:
+        """(rows, cols) bool: where values are stored (an N:M group's kept zeros included)."""
+        stored = torch.ones((), dtype=torch.bool, device=self.values.device).expand(tuple(self.values.shape))
+        return dataclasses.replace(self, values=stored).to_dense()
+
+    @classmethod
+    def cat_rows(cls, weights: Sequence[SparseWeight]) -> SparseWeight:
+        """One weight whose rows are those of `weights`, in order: q, k and v as one projection, so a
+        decode step makes one kernel call where it made three.
+
+        Raises:
+            ValueError: weights of another format, layout, width or value dtype.
+        """
+        check_joinable(cls, weights)
+        mask = torch.cat([w.stored_mask() for w in weights])
+        values = torch.cat([w.values.reshape(-1) for w in weights])
+        return cls.from_mask(mask, values, *weights[0].layout())
 
     def parts(self) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -125,6 +125,9 @@ class NMTensor(SparseWeight):
     def stored_shape(self) -> tuple[int, ...]:
         return self.shape[0], self.shape[1] // self.m * self.n
 
+    def layout(self) -> tuple:
+        return self.n, self.m
+
     def value_span(self, start: int, stop: int) -> tuple[int, int]:
         kept = self.shape[1] // self.m * self.n
         return start * kept, stop * kept

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sparsetorch.formats.base import CorruptTensorError, SparseWeight
+from sparsetorch.formats.base import CorruptTensorError, SparseWeight, check_joinable
 from sparsetorch.formats.registry import get_format, register_format
 from sparsetorch.quantize import SCALE_DTYPE, QuantGrid, QuantScheme, dequantize, pack_int4, quantize, unpack_int4
 
@@ -184,6 +185,34 @@ class QuantizedTensor(SparseWeight):
             codes = nibbles[index.to_dense()].to(torch.int8).reshape(index.values.shape)
         zero = None if grid.zero_point is None else grid.zero_point.to(torch.int16)
         return cls(index, codes, QuantGrid(scheme, grid.scale.to(SCALE_DTYPE), zero, cols))
+
+    @classmethod
+    def cat_rows(cls, weights: Sequence[QuantizedTensor]) -> QuantizedTensor:
+        """One weight whose rows are those of `weights`, in order, with the same codes and scales.
+
+        Raises:
+            ValueError: weights of another structure, scheme, layout or width.
+        """
+        check_joinable(cls, weights)
+        first = weights[0]
+        if any((w.structure, w.scheme) != (first.structure, first.scheme) for w in weights):
+            raise ValueError(f"cannot join the rows of quantized weights of different structures or schemes: "
+                             f"{sorted({(w.structure, w.scheme.name) for w in weights})}")
+        masks, natural = [], []
+        for weight in weights:
+            mask = weight.mask()
+            codes = torch.zeros(mask.shape, dtype=torch.int16)
+            codes[mask] = weight.natural_codes(0, weight.shape[0])
+            masks.append(mask)
+            natural.append(codes)
+        mask = torch.cat(masks)
+        index = get_format(first.structure).from_mask(mask, torch.zeros(int(mask.sum())), *first.index.layout())
+        zero = None if first.grid.zero_point is None else torch.cat([w.grid.zero_point for w in weights])
+        grid = QuantGrid(first.scheme, torch.cat([w.grid.scale for w in weights]), zero, first.shape[1])
+        return cls._from_index(index, torch.cat(natural), grid)
+
+    def layout(self) -> tuple:
+        return self.index.layout()
 
     @classmethod
     def from_mask(cls, mask: Tensor, values: Tensor, *layout) -> QuantizedTensor:

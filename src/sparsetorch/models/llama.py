@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsetorch.families import FAMILIES, LLAMA_LIKE, Family
-from sparsetorch.models.ops import causal_attention, rms_norm, rotary, silu_mul
+from sparsetorch.models import ops
+from sparsetorch.models.ops import STEP_TOKENS, causal_attention, fused_add_rms_norm, rms_norm, rotary, silu_mul, silu_mul_halves
 from sparsetorch.models.packed import PackedLinear, PackedWeights
+from sparsetorch.precision import plain_fp32_cpu
 
 __all__ = ["KVCache", "LeanConfig", "LeanLlama", "own_families"]
 
@@ -194,6 +196,11 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def add_rms_norm(x: Tensor, update: Tensor, norm: RMSNorm) -> Tensor:
+    """x += update (in place: x is the residual stream), then `norm(x)`."""
+    return fused_add_rms_norm(x, update, norm.weight, norm.eps)
+
+
 class Rotary:
     """Rotary position embeddings of the default type: cos and sin (1, T, head_dim) for given positions.
     Not a module and no buffer: the meta-device skeleton must hold nothing a file does not store."""
@@ -209,22 +216,35 @@ class Rotary:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention. `runtime.fuse_projections` may replace q_proj, k_proj and v_proj by one
+    `qkv_proj` (their rows stacked): one matmul instead of three, and a decode step's attention in one op."""
+
     def __init__(self, config: LeanConfig, index: int, packed: PackedWeights | None = None) -> None:
         super().__init__()
         hidden, d = config.hidden_size, config.head_dim
-        self.index, self.head_dim = index, d
+        self.index, self.head_dim, self.heads = index, d, config.num_attention_heads
+        self.widths = (config.num_attention_heads * d, config.num_key_value_heads * d, config.num_key_value_heads * d)
         self.gqa = config.num_key_value_heads != config.num_attention_heads
         self.q_proj = PackedLinear(hidden, config.num_attention_heads * d, config.qkv_bias, packed)
         self.k_proj = PackedLinear(hidden, config.num_key_value_heads * d, config.qkv_bias, packed)
         self.v_proj = PackedLinear(hidden, config.num_key_value_heads * d, config.qkv_bias, packed)
         self.o_proj = PackedLinear(config.num_attention_heads * d, hidden, config.o_bias, packed)
+        self.qkv_proj: nn.Module | None = None
+
+    def qkv(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, (H + 2 KV) D): the query heads, then the key heads, then the value heads."""
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x)
+        return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
         batch, tokens, _ = x.shape  # (B, T, C)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
         heads = (batch, tokens, -1, self.head_dim)
-        q = self.q_proj(x).view(heads).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(heads).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(heads).transpose(1, 2)
+        q, k, v = (t.reshape(heads).transpose(1, 2) for t in (q, k, v))  # (B, H or KV, T, D)
         q, k = rotary(q, k, cos, sin)
         past = 0
         if cache is not None:
@@ -248,16 +268,24 @@ def _after_cache(tokens: int, past: int, device: torch.device) -> dict:
 
 
 class MLP(nn.Module):
+    """The SiLU-gated MLP. `runtime.fuse_projections` may replace gate_proj and up_proj by one `gate_up_proj`."""
+
     def __init__(self, config: LeanConfig, packed: PackedWeights | None = None) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
         self.gate_proj = PackedLinear(hidden, inner, config.mlp_bias, packed)
         self.up_proj = PackedLinear(hidden, inner, config.mlp_bias, packed)
         self.down_proj = PackedLinear(inner, hidden, config.mlp_bias, packed)
+        self.gate_up_proj: nn.Module | None = None
+
+    def gated(self, x: Tensor) -> Tensor:
+        """silu(gate_proj(x)) * up_proj(x), down_proj's input."""
+        if self.gate_up_proj is not None:
+            return silu_mul_halves(self.gate_up_proj(x))
+        return silu_mul(self.gate_proj(x), self.up_proj(x))  # gate and up freed before down_proj runs
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = silu_mul(self.gate_proj(x), self.up_proj(x))  # gate and up freed before down_proj runs
-        return self.down_proj(hidden)
+        return self.down_proj(self.gated(x))
 
 
 class Block(nn.Module):
@@ -375,13 +403,47 @@ class LeanLlama(nn.Module):
         self.check_length(past + tokens)
         if cache is not None:
             cache.reserve(tokens)
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C), the residual stream, added to in place
         cos, sin = self.positions(past, tokens, x)  # (1, T, D)
-        for block in self.model.layers:
-            x = block(x, cos, sin, cache)
+        if cache is not None and tokens <= STEP_TOKENS and self._steps_in_ops(x, cache):
+            h = self._decode_layers(x, cos, sin, cache)
+        else:
+            h = self._layers(x, cos, sin, cache)
         if cache is not None:
             cache.advance(tokens)
-        return self.lm_head(self.model.norm(x[:, -1]))  # (B, vocab)
+        return self.lm_head(h[:, -1])  # (B, vocab)
+
+    def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+        """Every block on the residual stream x (added to in place); returns the final norm of it."""
+        layers = self.model.layers
+        h = layers[0].input_layernorm(x)
+        for i, block in enumerate(layers):  # Block.forward's arithmetic, each residual add fused with the next norm
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h = add_rms_norm(x, block.self_attn(h, cos, sin, cache), block.post_attention_layernorm)
+            h = add_rms_norm(x, block.mlp(h), following)
+        return h
+
+    def _steps_in_ops(self, x: Tensor, cache: KVCache) -> bool:
+        """Whether `_decode_layers` can run: fp32 on the CPU, and the C++ ops built."""
+        return ops.decode_ops() is not None and plain_fp32_cpu(x, cache.keys[0], self.model.norm.weight)
+
+    def _decode_layers(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+        """`_layers` for a few tokens after a cache, with nothing between the kernel calls: a block is its
+        four matmuls (q/k/v and gate/up fused where `runtime.fuse_projections` fused them), one op for
+        the attention after the cache (rotary, cache writes, softmax), two for the residual adds with the
+        next norms and one for the gating. At batch 1 a small model's step is bound by the cost of each
+        call, and the views, copies and checks of the general path cost as much as the matmuls."""
+        kernels, eps = ops.decode_ops(), self.config.rms_norm_eps
+        layers, past = self.model.layers, cache.length
+        h = kernels.rms_norm(x, layers[0].input_layernorm.weight, eps)
+        for i, block in enumerate(layers):
+            attn, mlp = block.self_attn, block.mlp
+            out = kernels.attention_after_cache(attn.qkv(h), cos, sin, cache.keys[i], cache.values[i], attn.heads,
+                                                past, attn.head_dim ** -0.5)
+            h = kernels.add_rms_norm(x, attn.o_proj(out), block.post_attention_layernorm.weight, eps)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h = kernels.add_rms_norm(x, mlp.down_proj(mlp.gated(h)), following.weight, eps)
+        return h
 
     def check_length(self, tokens: int) -> None:
         """Raise ValueError if a sequence of `tokens` would outgrow the sliding window this model cannot apply."""

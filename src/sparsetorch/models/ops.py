@@ -24,9 +24,11 @@ from torch import Tensor
 from sparsetorch.kernels.build import Extension, best_ops
 from sparsetorch.precision import plain_fp32_cpu
 
-__all__ = ["MODEL_OPS", "attention_op", "causal_attention", "compiled_ops", "rms_norm", "rotary", "silu_mul"]
+__all__ = ["MODEL_OPS", "STEP_TOKENS", "attention_op", "causal_attention", "compiled_ops",
+           "decode_ops", "fused_add_rms_norm", "rms_norm", "rotary", "silu_mul", "silu_mul_halves"]
 
 MODEL_OPS = Extension("models", Path(__file__).parent / "csrc")
+STEP_TOKENS = 16  # new tokens up to which attention after a cache runs as one op (a decode step); more: BLAS
 
 
 @functools.cache
@@ -49,6 +51,13 @@ def attention_op():
     return ops.causal_attention
 
 
+def decode_ops():
+    """The C++ ops of `LeanLlama`'s fp32 decode step (rms_norm, add_rms_norm, silu_mul_halves and
+    attention_after_cache: rotary embedding, cache writes and attention of a few new tokens in one
+    op), or None without a compiler or without the BLAS the attention calls."""
+    return None if attention_op() is None else compiled_ops()
+
+
 def _needs_grad(*tensors: Tensor) -> bool:
     """Whether autograd records this call: then only the PyTorch code, which has a backward, may run."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -65,6 +74,22 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def fused_add_rms_norm(x: Tensor, update: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x += update in place (x: a residual stream), then `rms_norm(x, weight, eps)`."""
+    if _contiguous_fp32(x, update, weight) and compiled_ops() is not None:
+        return compiled_ops().add_rms_norm(x, update, weight, eps)
+    x += update
+    return rms_norm(x, weight, eps)
+
+
+def silu_mul_halves(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of a fused projection's output (..., 2 * inner): gate first, then up."""
+    if _contiguous_fp32(gate_up) and compiled_ops() is not None:
+        return compiled_ops().silu_mul_halves(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ from sparsetorch.models.llama import LeanConfig, LeanLlama
 from sparsetorch.runtime.compile import compile
 from sparsetorch.runtime.config import POLICIES, RuntimeConfig
 from sparsetorch.runtime.decide import LayerDecision, choose
+from sparsetorch.runtime.fuse import fuse_projections
 from sparsetorch.runtime.lean import load_lean_model
 from sparsetorch.runtime.loader import load_sparse_model
 from sparsetorch.runtime.report import CompileReport
@@ -22,6 +23,7 @@ __all__ = [
     "Trial",
     "choose",
     "compile",
+    "fuse_projections",
     "load_lean_model",
     "load_sparse_model",
 ]

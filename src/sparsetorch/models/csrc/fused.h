@@ -31,6 +31,13 @@ inline void rms_norm_rows(const float* x, const float* weight, float* y, int64_t
   }
 }
 
+// rms_norm_rows after x[r] += update[r]: a block's residual add and the next norm in one op.
+inline void add_rms_norm_rows(float* x, const float* update, const float* weight, float* y, int64_t d, float eps,
+                              int64_t r0, int64_t r1) {
+  for (int64_t i = r0 * d; i < r1 * d; ++i) x[i] += update[i];
+  rms_norm_rows(x, weight, y, d, eps, r0, r1);
+}
+
 // y[i] = silu(g[i]) * u[i] for i in [i0, i1): the SiLU-gated MLP's product. The sigmoid takes
 // e^-|g|, which never overflows, and is branch-free so the loop vectorizes.
 inline void silu_mul_range(const float* g, const float* u, float* y, int64_t i0, int64_t i1) {

@@ -10,10 +10,13 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "attention.h"
+#include "decode.h"
 #include "fused.h"
 
 namespace {
@@ -75,6 +78,81 @@ at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
   return y;
 }
 
+// x += update in place, then rms_norm(x): a block's residual add and the next norm in one pass.
+at::Tensor add_rms_norm(at::Tensor x, const at::Tensor& update, const at::Tensor& weight, double eps) {
+  check_activations(x, "x");
+  check_activations(update, "update");
+  check_activations(weight, "weight");
+  TORCH_CHECK(update.sizes() == x.sizes(), "update ", update.sizes(), " must have x's shape ", x.sizes());
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(weight.numel() == d, "weight has ", weight.numel(), " values, x has ", d, " features");
+  at::Tensor y = at::empty_like(x);
+  float *px = x.data_ptr<float>(), *py = y.data_ptr<float>();
+  const float *pu = update.const_data_ptr<float>(), *pw = weight.const_data_ptr<float>();
+  const int64_t rows = d ? x.numel() / d : 0;
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    st::add_rms_norm_rows(px, pu, pw, py, d, static_cast<float>(eps), r0, r1);
+  });
+  return y;
+}
+
+// silu(gu[..., :i]) * gu[..., i:] for gu (..., 2i): the SiLU-gated MLP's product of a fused gate and up projection.
+at::Tensor silu_mul_halves(const at::Tensor& gu) {
+  check_activations(gu, "gu");
+  const int64_t width = gu.size(-1), half = width / 2;
+  TORCH_CHECK(width % 2 == 0, "gu's last dim must be even (gate then up), got ", width);
+  std::vector<int64_t> shape(gu.sizes().begin(), gu.sizes().end());
+  shape.back() = half;
+  at::Tensor y = at::empty(shape, gu.options());
+  const float* pg = gu.const_data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  const int64_t rows = width ? gu.numel() / width : 0;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(half, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) st::silu_mul_range(pg + r * width, pg + r * width + half, py + r * half, 0, half);
+  });
+  return y;
+}
+
+// Attention of t new positions after `past` cached ones (a decode step). qkv (b, t, (heads + 2 kv) d): the
+// fused projection's output, query heads first; cos and sin (b or 1, t, d); keys and values (b, kv, capacity, d)
+// caches with room for the new positions, into which this writes the rotated keys and the values.
+// Returns (b, t, heads * d), the output projection's input.
+at::Tensor attention_after_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                 at::Tensor keys, at::Tensor values, int64_t heads, int64_t past, double scale) {
+  TORCH_CHECK(st::have_blas(), "attention_after_cache needs a torch build with a Fortran-interface sgemm");
+  check_activations(qkv, "qkv");
+  for (const at::Tensor* t : {&keys, &values}) {
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "the key and value caches must be contiguous 4-D float32 CPU tensors, got ", t->sizes());
+  }
+  TORCH_CHECK(keys.sizes() == values.sizes(), "key cache ", keys.sizes(), " and value cache ", values.sizes(),
+              " differ");
+  st::StepShape s{qkv.size(0), qkv.dim() == 3 ? qkv.size(1) : 0, heads, keys.size(1), keys.size(3), past,
+                  keys.size(2), 0, 0};
+  TORCH_CHECK(qkv.dim() == 3 && heads > 0 && heads % s.kv_heads == 0 && s.dim % 2 == 0 && qkv.size(2) == s.row() &&
+                  keys.size(0) == s.batch,
+              "qkv ", qkv.sizes(), " does not hold ", heads, " query heads and the cache's ", s.kv_heads,
+              " key and value heads of ", s.dim, " for its ", keys.size(0), " sequences");
+  TORCH_CHECK(past >= 0 && past + s.tokens <= s.capacity, past, " cached and ", s.tokens,
+              " new positions do not fit the cache's capacity ", s.capacity);
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.strides() == sin.strides() && cos.dim() == 3 &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.device().is_cpu() &&
+                  cos.stride(2) == 1 && (cos.size(0) == 1 || cos.size(0) == s.batch) && cos.size(1) == s.tokens &&
+                  cos.size(2) == s.dim,
+              "cos and sin must be float32 (1 or batch, tokens, dim) of one layout with unit stride over dim, got ",
+              cos.sizes());
+  s.cs_batch = cos.size(0) == 1 ? 0 : cos.stride(0);
+  s.cs_stride = cos.stride(1);
+  at::Tensor out = at::empty({s.batch, s.tokens, heads * s.dim}, qkv.options());
+  const float *pqkv = qkv.const_data_ptr<float>(), *pc = cos.const_data_ptr<float>(), *ps = sin.const_data_ptr<float>();
+  float *pk = keys.data_ptr<float>(), *pv = values.data_ptr<float>(), *po = out.data_ptr<float>();
+  st::write_cache(s, pqkv, pc, ps, pk, pv);
+  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t t0, int64_t t1) {
+    st::attend_after_cache(s, pqkv, pc, ps, pk, pv, po, static_cast<float>(scale), t0, t1);
+  });
+  return out;
+}
+
 // Rotary embedding of x (b, h, t, d), any strides with unit stride over d, by cos and sin (b or 1, t, d)
 // with unit stride over d. Returns (b, h, t, d) stored as (b, t, h, d), the layout transformers' own gives.
 at::Tensor rotary_one(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -131,4 +209,8 @@ ST_LIBRARY(ST_NAMESPACE, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("silu_mul(Tensor g, Tensor u) -> Tensor", &silu_mul);
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)", &rotary);
+  m.def("add_rms_norm(Tensor(a!) x, Tensor update, Tensor weight, float eps) -> Tensor", &add_rms_norm);
+  m.def("silu_mul_halves(Tensor gu) -> Tensor", &silu_mul_halves);
+  m.def("attention_after_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, int heads, "
+        "int past, float scale) -> Tensor", &attention_after_cache);
 }
