@@ -236,3 +236,32 @@ def test_the_decode_step_takes_the_ops_and_equals_the_general_path(monkeypatch):
     assert runs.count("attention_after_cache") == 4 * 2 and runs.count("rms_norm") == 4  # 4 steps, 2 layers; not the prefill
     monkeypatch.setattr(ops, "decode_ops", lambda: None)
     torch.testing.assert_close(fast, _decode(model, prompt, steps=4), rtol=1e-4, atol=1e-4)
+
+
+@needs_step
+def test_attention_after_cache_takes_rows_of_the_batch_too():
+    qkv, cos = torch.randn(2, 3, 8 * 16), torch.randn(1, 3, 16)
+    keys, values = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    step = decode_ops().attention_after_cache
+    expected = step(qkv, cos, cos, keys.clone(), values.clone(), 4, 2, 0.25)
+    rows = step(qkv.view(6, -1), cos, cos, keys, values, 4, 2, 0.25)
+    assert rows.shape == (6, 4 * 16)
+    torch.testing.assert_close(rows, expected.view(6, -1), rtol=0, atol=0)
+
+
+@needs_step
+def test_hooks_run_in_the_step_and_a_new_cache_sees_replaced_modules():
+    model = _model()
+    fuse_projections(model)
+    seen = []
+    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    prompt = torch.tensor([[1, 2, 3]])
+    _decode(model, prompt, steps=3)
+    assert seen == [(3, 64)] + [(1, 64)] * 3  # called as a module, on the rows of the prompt, then of each step
+    expected = _decode(model, prompt)
+    cache = model.new_cache()
+    model(prompt, cache)  # this cache's plan is made at its first step
+    attn = model.model.layers[0].self_attn
+    attn.o_proj = SparseLinear.from_linear(attn.o_proj, "bitmask")  # all weights kept: the same layer
+    assert cache.plan and attn.o_proj is not cache.plan.blocks[0].o
+    torch.testing.assert_close(_decode(model, prompt), expected, rtol=1e-4, atol=1e-4)

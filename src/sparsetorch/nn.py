@@ -9,6 +9,8 @@ different summation order); a quantized weight's equals that of its dequantized 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from sparsetorch.formats.base import SparseWeight
@@ -89,11 +91,21 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features).contiguous()  # (batch, in)
+        return self._run(flat)(flat, self.bias).view(*x.shape[:-1], self.out_features)
+
+    def _run(self, flat: Tensor) -> Run:
         key = (flat.device, flat.dtype)
         run = self._runs.get(key)
         if run is None:
             run = self._runs[key] = bind_kernel(self._weight, flat, self.backend)
-        return run(flat, self.bias).view(*x.shape[:-1], self.out_features)
+        return run
+
+    def rows_function(self, like: Tensor) -> Callable[[Tensor], Tensor]:
+        """`f(x) -> y` for contiguous (rows, in) inputs of `like`'s device and dtype, straight to the bound
+        kernel: no module call, reshape or lookup (a decode step's plan calls it, `models.step`).
+        Forward hooks do not run through it."""
+        run, bias = self._run(like.new_empty(1, self.in_features)), self.bias
+        return lambda x: run(x, bias)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)

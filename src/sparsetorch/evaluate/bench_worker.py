@@ -60,6 +60,8 @@ def _load(directory: Path, variant: str, runtime: dict, decoder: str) -> tuple[n
 
         model, report = load_lean_model(directory, variant, RuntimeConfig.from_dict(runtime))
         return model, {} if report is None else {"summary": report.summary(), "table": report.table()}
+    if variant not in ("dense", "sparse"):
+        raise ValueError(f"variant {variant!r} runs in the lean decoder only (decoder='lean')")
     if variant == "dense":
         from sparsetorch.formats.pruned import load_pruned
 
@@ -71,12 +73,14 @@ def _load(directory: Path, variant: str, runtime: dict, decoder: str) -> tuple[n
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes a decode step reads from Linear weights: dense ones and sparse ones (their formats)."""
+    """Bytes a decode step reads from Linear weights: dense ones (nn.Linear, or a SparseLinear over a
+    dense weight) and sparse ones (their formats)."""
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear) and m.format != "dense"]
     dense = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
-    sparse = sum(m.sparse_weight.nbytes for m in model.modules() if isinstance(m, SparseLinear))
-    dense_equiv = sum(m.in_features * m.out_features * m.sparse_weight.values.element_size()
-                      for m in model.modules() if isinstance(m, SparseLinear))
-    return {"dense_linear": dense, "sparse_linear": sparse, "sparse_linear_as_dense": dense_equiv}
+    dense += sum(m.sparse_weight.nbytes for m in model.modules() if isinstance(m, SparseLinear) and m.format == "dense")
+    dense_equiv = sum(m.in_features * m.out_features * m.sparse_weight.values.element_size() for m in sparse)
+    return {"dense_linear": dense, "sparse_linear": sum(m.sparse_weight.nbytes for m in sparse),
+            "sparse_linear_as_dense": dense_equiv}
 
 
 @contextmanager

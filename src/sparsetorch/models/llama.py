@@ -34,6 +34,7 @@ from sparsetorch.families import FAMILIES, LLAMA_LIKE, Family
 from sparsetorch.models import ops
 from sparsetorch.models.ops import STEP_TOKENS, causal_attention, fused_add_rms_norm, rms_norm, rotary, silu_mul, silu_mul_halves
 from sparsetorch.models.packed import PackedLinear, PackedWeights
+from sparsetorch.models.step import DecodePlan
 from sparsetorch.precision import plain_fp32_cpu
 
 __all__ = ["KVCache", "LeanConfig", "LeanLlama", "own_families"]
@@ -155,6 +156,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.length = 0
+        self.plan: DecodePlan | bool | None = None  # the model's decode plan for this cache (`models.step`)
 
     @property
     def capacity(self) -> int:
@@ -230,12 +232,6 @@ class Attention(nn.Module):
         self.v_proj = PackedLinear(hidden, config.num_key_value_heads * d, config.qkv_bias, packed)
         self.o_proj = PackedLinear(config.num_attention_heads * d, hidden, config.o_bias, packed)
         self.qkv_proj: nn.Module | None = None
-
-    def qkv(self, x: Tensor) -> Tensor:
-        """(B, T, C) -> (B, T, (H + 2 KV) D): the query heads, then the key heads, then the value heads."""
-        if self.qkv_proj is not None:
-            return self.qkv_proj(x)
-        return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
         batch, tokens, _ = x.shape  # (B, T, C)
@@ -405,8 +401,10 @@ class LeanLlama(nn.Module):
             cache.reserve(tokens)
         x = self.model.embed_tokens(input_ids)  # (B, T, C), the residual stream, added to in place
         cos, sin = self.positions(past, tokens, x)  # (1, T, D)
-        if cache is not None and tokens <= STEP_TOKENS and self._steps_in_ops(x, cache):
-            h = self._decode_layers(x, cos, sin, cache)
+        plan = self._step_plan(x, cache) if cache is not None and tokens <= STEP_TOKENS else None
+        if plan is not None:  # a few tokens after a cache: the bound calls of `models.step`
+            rows = x.view(-1, x.shape[-1])
+            h = plan.run(rows, cos, sin, cache.keys, cache.values, past).view(x.shape)
         else:
             h = self._layers(x, cos, sin, cache)
         if cache is not None:
@@ -423,27 +421,14 @@ class LeanLlama(nn.Module):
             h = add_rms_norm(x, block.mlp(h), following)
         return h
 
-    def _steps_in_ops(self, x: Tensor, cache: KVCache) -> bool:
-        """Whether `_decode_layers` can run: fp32 on the CPU, and the C++ ops built."""
-        return ops.decode_ops() is not None and plain_fp32_cpu(x, cache.keys[0], self.model.norm.weight)
-
-    def _decode_layers(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
-        """`_layers` for a few tokens after a cache, with nothing between the kernel calls: a block is its
-        four matmuls (q/k/v and gate/up fused where `runtime.fuse_projections` fused them), one op for
-        the attention after the cache (rotary, cache writes, softmax), two for the residual adds with the
-        next norms and one for the gating. At batch 1 a small model's step is bound by the cost of each
-        call, and the views, copies and checks of the general path cost as much as the matmuls."""
-        kernels, eps = ops.decode_ops(), self.config.rms_norm_eps
-        layers, past = self.model.layers, cache.length
-        h = kernels.rms_norm(x, layers[0].input_layernorm.weight, eps)
-        for i, block in enumerate(layers):
-            attn, mlp = block.self_attn, block.mlp
-            out = kernels.attention_after_cache(attn.qkv(h), cos, sin, cache.keys[i], cache.values[i], attn.heads,
-                                                past, attn.head_dim ** -0.5)
-            h = kernels.add_rms_norm(x, attn.o_proj(out), block.post_attention_layernorm.weight, eps)
-            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            h = kernels.add_rms_norm(x, mlp.down_proj(mlp.gated(h)), following.weight, eps)
-        return h
+    def _step_plan(self, x: Tensor, cache: KVCache) -> DecodePlan | None:
+        """The cache's decode plan, made at its first step; None where the step ops cannot run it (no
+        compiler, or not fp32 on the CPU): then the general path serves."""
+        if cache.plan is None:
+            kernels = ops.decode_ops()
+            usable = kernels is not None and plain_fp32_cpu(x, cache.keys[0], self.model.norm.weight)
+            cache.plan = DecodePlan(self, x, kernels) if usable else False
+        return cache.plan or None
 
     def check_length(self, tokens: int) -> None:
         """Raise ValueError if a sequence of `tokens` would outgrow the sliding window this model cannot apply."""

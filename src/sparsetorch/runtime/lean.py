@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from sparsetorch.formats.checkpoint import WEIGHTS_FILE
 from sparsetorch.models.llama import LeanConfig, LeanLlama
 from sparsetorch.runtime.config import RuntimeConfig
+from sparsetorch.runtime.dense import dense_kernels
 from sparsetorch.runtime.fuse import fuse_projections
 from sparsetorch.runtime.loader import assign_weights, load_sparse_model
 from sparsetorch.runtime.report import CompileReport
@@ -18,7 +19,7 @@ from sparsetorch.runtime.timing import Timer
 
 __all__ = ["VARIANTS", "lean_skeleton", "lean_supports", "load_lean_model"]
 
-VARIANTS = ("dense", "sparse")
+VARIANTS = ("dense", "dense-bf16", "sparse")
 
 
 def lean_supports(directory: str | Path) -> bool:
@@ -46,8 +47,10 @@ def load_lean_model(directory: str | Path, variant: str = "dense", runtime: Runt
     """A `sparsetorch prune` output directory (or any Llama-family HF directory, for 'dense') as a LeanLlama.
 
     Args:
-        variant: 'dense': the weights of `directory/model.safetensors`; 'sparse': the compressed weights
-            through `load_sparse_model` (SparseLinear layers, never a dense copy of them).
+        variant: 'dense': the weights of `directory/model.safetensors`; 'dense-bf16': those with the
+            Linear weights rounded to bf16; 'sparse': the compressed weights through
+            `load_sparse_model` (SparseLinear layers, never a dense copy of them). Dense Linear
+            layers run the small-batch kernels of `runtime.dense` (fp32 activations throughout).
         runtime, timer: as for `load_sparse_model` ('sparse' only).
         fuse: stack each block's q/k/v and gate/up projections into one where they agree
             (`runtime.fuse_projections`): fewer kernel calls per token, the same results.
@@ -76,4 +79,6 @@ def load_lean_model(directory: str | Path, variant: str = "dense", runtime: Runt
         assign_weights(model, load_file(path), {}, directory)
     if fuse:
         fuse_projections(model)
+    dense_kernels(model, torch.bfloat16 if variant == "dense-bf16" else torch.float32,
+                  runtime.backend if runtime is not None else "auto")
     return model.eval(), report

@@ -31,6 +31,7 @@
 #include "simd_scalar.h"
 #endif
 #include "kernels.h"
+#include "dense.h"
 #include "quantized.h"
 #if defined(ST_ISA_AVX512VNNI)
 #include "quantized_vnni.h"
@@ -243,6 +244,36 @@ st::Scales check_scales(const at::Tensor& scale, int64_t out, int64_t in, int64_
   return st::Scales{scale.const_data_ptr<float>(), groups, group / chunk_cols};
 }
 
+// y = x W^T (+ bias) for a dense fp32 or bf16 weight (out, in) and fp32 x (batch, in): the rows regime,
+// one pass over the weight per 8 batch rows (Python sends larger batches to a GEMM).
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu() &&
+                  (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "weight must be a contiguous 2-D float32 or bfloat16 CPU tensor, got ", weight.sizes(), " ",
+              weight.scalar_type());
+  const int64_t out = weight.size(0), in = weight.size(1);
+  check_input(x, in, bias, out);
+  const int64_t batch = x.size(0);
+  at::Tensor y = at::empty({batch, out}, x.options());
+  const float* pb = bias ? bias->const_data_ptr<float>() : nullptr;
+  for (int64_t b0 = 0; b0 < batch; b0 += 8) {
+    const float* px = x.const_data_ptr<float>() + b0 * in;
+    float* py = y.data_ptr<float>() + b0 * out;
+    with_rows(std::min<int64_t>(8, batch - b0), [&](auto rows) {
+      constexpr int B = decltype(rows)::value;
+      at::parallel_for(0, out, kRowsGrain, [&](int64_t r0, int64_t r1) {
+        if (weight.scalar_type() == at::kFloat) {
+          st::dense_rows_kernel<B>(st::DenseF32{weight.const_data_ptr<float>(), in}, px, pb, py, out, r0, r1);
+        } else {
+          const auto* pw = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<at::BFloat16>());
+          st::dense_rows_kernel<B>(st::DenseBF16{pw, in}, px, pb, py, out, r0, r1);
+        }
+      });
+    });
+  }
+  return y;
+}
+
 at::Tensor dense_int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                              const c10::optional<at::Tensor>& bias, int64_t group) {
   TORCH_CHECK(codes.dim() == 2, "codes must be (out, in), got ", codes.sizes());
@@ -419,6 +450,7 @@ ST_LIBRARY(ST_NAMESPACE, m) {
         &bitmask_linear);
   m.def("nm24_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int in_features, int outer_from) -> Tensor",
         &nm24_linear);
+  m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &dense_linear);
   m.def("dense_int8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int group) -> Tensor",
         &dense_int8_linear);
   m.def("bitmask_int8_linear(Tensor x, Tensor codes, Tensor bitmask, Tensor row_offsets, Tensor scale, Tensor? bias, "

@@ -80,6 +80,16 @@ struct Simd {
     return _mm256_blend_ps(_mm256_permutevar8x32_ps(lo, index), _mm256_permutevar8x32_ps(hi, index), 0xF0);
   }
 
+  // bf16 weights (dense.h): the top half of an fp32.
+  static inline V from_bf16(const uint16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static inline V from_bf16_n(const uint16_t* p, int n) {
+    alignas(16) uint16_t part[8] = {};
+    for (int k = 0; k < n; ++k) part[k] = p[k];
+    return from_bf16(part);
+  }
   // ---- quantized codes (quantized.h) ----
   static inline V from_i8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));

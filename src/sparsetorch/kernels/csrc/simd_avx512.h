@@ -53,6 +53,16 @@ struct Simd {
     return _mm512_permutex2var_ps(lo, index, hi);
   }
 
+  // ---- bf16 weights (dense.h): the top half of an fp32 ----
+  static inline V from_bf16(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static inline V from_bf16_n(const uint16_t* p, int n) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+
   // ---- quantized codes (quantized.h) ----
   // W int8 codes -> floats.
   static inline V from_i8(const int8_t* p) {

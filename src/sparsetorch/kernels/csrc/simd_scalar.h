@@ -2,6 +2,7 @@
 // Same semantics as simd_avx2.h, so the kernels in kernels.h are written once.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 namespace st {
 
@@ -36,6 +37,15 @@ struct Simd {
     for (int k = 0; k < W; ++k) s += a.v[k];
     return s;
   }
+  static inline V from_bf16_n(const uint16_t* p, int n) {  // bf16: the top half of an fp32
+    V r = zero();
+    for (int k = 0; k < n; ++k) {
+      const uint32_t bits = static_cast<uint32_t>(p[k]) << 16;
+      std::memcpy(&r.v[k], &bits, sizeof(float));
+    }
+    return r;
+  }
+  static inline V from_bf16(const uint16_t* p) { return from_bf16_n(p, W); }
   static inline V gather_u16(const float* x, const uint16_t* idx, int n) {
     V r = zero();
     for (int k = 0; k < n; ++k) r.v[k] = x[idx[k]];

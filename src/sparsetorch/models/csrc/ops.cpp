@@ -113,10 +113,10 @@ at::Tensor silu_mul_halves(const at::Tensor& gu) {
   return y;
 }
 
-// Attention of t new positions after `past` cached ones (a decode step). qkv (b, t, (heads + 2 kv) d): the
-// fused projection's output, query heads first; cos and sin (b or 1, t, d); keys and values (b, kv, capacity, d)
-// caches with room for the new positions, into which this writes the rotated keys and the values.
-// Returns (b, t, heads * d), the output projection's input.
+// Attention of t new positions after `past` cached ones (a decode step). qkv (b, t, (heads + 2 kv) d), or its
+// (b * t, ...) rows: the fused projection's output, query heads first; cos and sin (b or 1, t, d); keys and values
+// (b, kv, capacity, d) caches with room for the new positions, into which this writes the rotated keys and the
+// values. Returns (b, t, heads * d), or its rows, the output projection's input.
 at::Tensor attention_after_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                  at::Tensor keys, at::Tensor values, int64_t heads, int64_t past, double scale) {
   TORCH_CHECK(st::have_blas(), "attention_after_cache needs a torch build with a Fortran-interface sgemm");
@@ -127,12 +127,15 @@ at::Tensor attention_after_cache(const at::Tensor& qkv, const at::Tensor& cos, c
   }
   TORCH_CHECK(keys.sizes() == values.sizes(), "key cache ", keys.sizes(), " and value cache ", values.sizes(),
               " differ");
-  st::StepShape s{qkv.size(0), qkv.dim() == 3 ? qkv.size(1) : 0, heads, keys.size(1), keys.size(3), past,
-                  keys.size(2), 0, 0};
-  TORCH_CHECK(qkv.dim() == 3 && heads > 0 && heads % s.kv_heads == 0 && s.dim % 2 == 0 && qkv.size(2) == s.row() &&
-                  keys.size(0) == s.batch,
+  // qkv (b, t, width), or (b * t, width) rows with b the cache's batch: then the output is rows too.
+  const bool rows = qkv.dim() == 2;
+  const int64_t batch = keys.size(0);
+  st::StepShape s{batch, rows ? qkv.size(0) / std::max<int64_t>(batch, 1) : qkv.size(1), heads, keys.size(1),
+                  keys.size(3), past, keys.size(2), 0, 0};
+  TORCH_CHECK((qkv.dim() == 3 || rows) && heads > 0 && heads % s.kv_heads == 0 && s.dim % 2 == 0 &&
+                  qkv.size(-1) == s.row() && (rows ? qkv.size(0) == batch * s.tokens : qkv.size(0) == batch),
               "qkv ", qkv.sizes(), " does not hold ", heads, " query heads and the cache's ", s.kv_heads,
-              " key and value heads of ", s.dim, " for its ", keys.size(0), " sequences");
+              " key and value heads of ", s.dim, " for its ", batch, " sequences");
   TORCH_CHECK(past >= 0 && past + s.tokens <= s.capacity, past, " cached and ", s.tokens,
               " new positions do not fit the cache's capacity ", s.capacity);
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.strides() == sin.strides() && cos.dim() == 3 &&
@@ -143,7 +146,8 @@ at::Tensor attention_after_cache(const at::Tensor& qkv, const at::Tensor& cos, c
               cos.sizes());
   s.cs_batch = cos.size(0) == 1 ? 0 : cos.stride(0);
   s.cs_stride = cos.stride(1);
-  at::Tensor out = at::empty({s.batch, s.tokens, heads * s.dim}, qkv.options());
+  at::Tensor out = rows ? at::empty({s.batch * s.tokens, heads * s.dim}, qkv.options())
+                        : at::empty({s.batch, s.tokens, heads * s.dim}, qkv.options());
   const float *pqkv = qkv.const_data_ptr<float>(), *pc = cos.const_data_ptr<float>(), *ps = sin.const_data_ptr<float>();
   float *pk = keys.data_ptr<float>(), *pv = values.data_ptr<float>(), *po = out.data_ptr<float>();
   st::write_cache(s, pqkv, pc, ps, pk, pv);
