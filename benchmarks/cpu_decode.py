@@ -367,7 +367,7 @@ def perplexities(spec: ModelSpec, rows: list[Runnable], source: Path, tools: lla
                  args) -> None:
     """llama-perplexity of every runnable row on the held-out text (cached like the timings)."""
     text = heldout_file()
-    for row in (r for r in rows if r.missing is None):
+    for row in (r for r in rows if r.missing is None and r.runtime != "dense-bf16"):  # rounded as it loads: no file
         record = Record(ppl_protocol(args), spec.key, row.engine, row.key, 0, {})
         if record.key in records:
             continue
@@ -504,7 +504,8 @@ def notes(tools: llamacpp.Tools, args) -> str:
     return (f"llama.cpp {tools.version()} from llama-cpp-python {llamacpp.VERSION}'s source, built here "
             f"(GGML_NATIVE, Release, static); `llama-bench -t {args.threads} -p {args.prefill_tokens} "
             f"-n {args.decode_tokens} -r 1` per repeat. Ours: `sparsetorch bench`'s worker (lean decoder, compressed "
-            f"runtime decided at batch 1; 'dense fp32' = the original model.safetensors), {args.threads} threads, "
+            f"runtime decided at batch 1; 'dense fp32' = the original model.safetensors, 'dense bf16' = its Linear "
+            f"weights rounded to bf16 as it loads, fp32 activations), {args.threads} threads, "
             f"a fresh process per run. Batch 1; {args.repeats} repeats, each running every variant once in turn "
             f"(ours, then llama.cpp's); medians. 135M pruned by SparseGPT on {args.calib_samples} × "
             f"{args.calib_seqlen}-token calibration windows, the 1B (random weights) by magnitude; quantized rows "
