@@ -189,3 +189,35 @@ def test_grids_for_modules_the_model_lacks_are_refused(tmp_path):
     grid = fake_quantize(model.lm_head.weight, INT8)[1]
     with pytest.raises(ValueError, match=r"grids name modules without a weight in this model: \['model.lm_head'\]"):
         write_compressed(model, tmp_path / "c", [], grids={"model.lm_head": grid})
+
+
+def test_a_2_of_4_bitmask_weight_moves_to_the_2_of_4_structure_code_for_code():
+    from conftest import nm_weight
+    from sparsetorch.quantize import find_grid
+
+    weight = nm_weight(6, 64, 2, 4)
+    weight[0, :4] = 0.0  # a group with nothing kept: the 2:4 structure keeps two zero slots there
+    for scheme in (QuantScheme(4, 32), QuantScheme(8)):
+        stored = QuantizedTensor.from_dense(weight, find_grid(weight, scheme, weight != 0), "bitmask")
+        moved = stored.restructured("nm", 2, 4)
+        assert moved.kernel_format == f"nm-int{scheme.bits}" and moved.scheme == scheme
+        assert torch.equal(moved.to_dense(), stored.to_dense())
+    asymmetric = QuantizedTensor.from_dense(weight, find_grid(weight, QuantScheme(4, 32, symmetric=False)), "bitmask")
+    with pytest.raises(ValueError, match="only symmetric grids"):
+        asymmetric.restructured("nm", 2, 4)
+    dense = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        QuantizedTensor.from_dense(dense, find_grid(dense, QuantScheme(4, 32)), "bitmask").restructured("nm", 2, 4)
+
+
+def test_a_2_of_4_int4_model_runs_the_2_of_4_kernels(tmp_path):
+    from sparsetorch.runtime.config import RuntimeConfig
+    from sparsetorch.runtime.loader import load_sparse_model
+
+    model, _, out = _saved(tmp_path, QuantScheme(4, 32), tie=False, pattern="2:4")
+    loaded, report = load_sparse_model(out, RuntimeConfig(policy="always"))
+    assert loaded.model.layers[0].mlp.down_proj.sparse_weight.kernel_format == "nm-int4"
+    assert {d.chosen for d in report.decisions} >= {"nm-int4"} and "bitmask-int4" not in {d.chosen for d in report.decisions}
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -214,6 +214,22 @@ class QuantizedTensor(SparseWeight):
     def layout(self) -> tuple:
         return self.index.layout()
 
+    def restructured(self, structure: str, *layout) -> QuantizedTensor:
+        """The same codes and grid in another index structure ('nm' with layout 2, 4: a 2:4 weight stored
+        as a bitmask runs the 2:4 kernels). Symmetric grids only: a slot the new structure keeps without
+        a stored code holds code 0, which is weight 0 only when the grid has no zero point.
+
+        Raises:
+            ValueError: an asymmetric grid, or a weight that does not fit the structure.
+        """
+        if not self.scheme.symmetric:
+            raise ValueError(f"only symmetric grids move between index structures, not {self.scheme.name}")
+        mask = self.mask()
+        natural = torch.zeros(mask.shape, dtype=torch.int16)
+        natural[mask] = self.natural_codes(0, self.shape[0])
+        index = get_format(structure).from_mask(mask, torch.zeros(int(mask.sum())), *layout)
+        return type(self)._from_index(index, natural, self.grid)
+
     @classmethod
     def from_mask(cls, mask: Tensor, values: Tensor, *layout) -> QuantizedTensor:
         """Not available: quantized values need a grid; use `from_dense(dense, grid, structure)`."""
