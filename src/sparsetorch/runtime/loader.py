@@ -220,7 +220,7 @@ def _quantized_layers(model: nn.Module, reader: CompressedReader,
 def _as_2_4(stored: QuantizedTensor) -> tuple[QuantizedTensor, str]:
     """A 4-bit weight stored as a bitmask whose mask is 2:4 (what `sparsetorch prune --pattern 2:4`
     writes) in the 2:4 structure, whose kernel selects columns by 2-bit indices instead of expanding
-    codes by mask bits: the same bytes per weight, about 3x less work per call (benchmarks/RESULTS.md).
+    codes by mask bits: the same bytes per weight, less work per call (benchmarks/RESULTS.md, CPU decode).
     Returns the weight to run and the reason for the report."""
     rows, cols = stored.shape
     if (stored.structure != "bitmask" or stored.scheme.bits != 4 or not stored.scheme.symmetric or cols % 4
