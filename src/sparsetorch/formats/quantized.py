@@ -198,18 +198,13 @@ class QuantizedTensor(SparseWeight):
         if any((w.structure, w.scheme) != (first.structure, first.scheme) for w in weights):
             raise ValueError(f"cannot join the rows of quantized weights of different structures or schemes: "
                              f"{sorted({(w.structure, w.scheme.name) for w in weights})}")
-        masks, natural = [], []
-        for weight in weights:
-            mask = weight.mask()
-            codes = torch.zeros(mask.shape, dtype=torch.int16)
-            codes[mask] = weight.natural_codes(0, weight.shape[0])
-            masks.append(mask)
-            natural.append(codes)
-        mask = torch.cat(masks)
-        index = get_format(first.structure).from_mask(mask, torch.zeros(int(mask.sum())), *first.index.layout())
+        stored = [weight.index.to_dense() for weight in weights]  # (rows, cols) bool each
+        natural = torch.cat([weight._codes_at(mask, 0, weight.shape[0]) for weight, mask in zip(weights, stored)])
+        mask = torch.cat(stored)
+        index = get_format(first.structure).from_mask(mask, torch.zeros(int(mask.sum())), *first.layout())
         zero = None if first.grid.zero_point is None else torch.cat([w.grid.zero_point for w in weights])
         grid = QuantGrid(first.scheme, torch.cat([w.grid.scale for w in weights]), zero, first.shape[1])
-        return cls._from_index(index, torch.cat(natural), grid)
+        return cls._from_index(index, natural, grid)
 
     def layout(self) -> tuple:
         return self.index.layout()
@@ -224,11 +219,15 @@ class QuantizedTensor(SparseWeight):
         """
         if not self.scheme.symmetric:
             raise ValueError(f"only symmetric grids move between index structures, not {self.scheme.name}")
-        mask = self.mask()
-        natural = torch.zeros(mask.shape, dtype=torch.int16)
-        natural[mask] = self.natural_codes(0, self.shape[0])
-        index = get_format(structure).from_mask(mask, torch.zeros(int(mask.sum())), *layout)
-        return type(self)._from_index(index, natural, self.grid)
+        stored = self.index.to_dense()  # (rows, cols) bool
+        index = get_format(structure).from_mask(stored, torch.zeros(int(stored.sum())), *layout)  # refuses first
+        return type(self)._from_index(index, self._codes_at(stored, 0, self.shape[0]), self.grid)
+
+    def _codes_at(self, stored: Tensor, start: int, stop: int) -> Tensor:
+        """Rows [start, stop)'s natural codes (int16) where `stored` (their (rows, cols) mask) is set, 0 elsewhere."""
+        codes = torch.zeros(stored.shape, dtype=torch.int16, device=stored.device)
+        codes[stored] = self.natural_codes(start, stop).to(stored.device)
+        return codes
 
     @classmethod
     def from_mask(cls, mask: Tensor, values: Tensor, *layout) -> QuantizedTensor:
@@ -284,8 +283,7 @@ class QuantizedTensor(SparseWeight):
     def dense_rows(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) of the dequantized weight (float32), without expanding the others."""
         stored = self.index.dense_rows(start, stop)  # (stop - start, cols) bool
-        codes = torch.zeros(stored.shape, dtype=torch.int16, device=stored.device)
-        codes[stored] = self.natural_codes(start, stop).to(stored.device)
+        codes = self._codes_at(stored, start, stop)
         return dequantize(codes, self._grid_rows(start, stop)).masked_fill_(~stored, 0.0)
 
     def to_dense(self) -> Tensor:

@@ -51,9 +51,7 @@ class BlockPlan:
 
     qkv: Rows  # (rows, C) -> (rows, (H + 2 KV) D)
     o: Rows
-    gate_up: Rows | None  # stacked (rows, 2 I); None: gate and up apart
-    gate: Rows | None
-    up: Rows | None
+    gated: Rows  # (rows, C) -> silu(gate) * up, (rows, I)
     down: Rows
     post_norm: Tensor  # post_attention_layernorm's weight
     next_norm: Tensor  # the next block's input norm, or the final norm, weight
@@ -77,20 +75,25 @@ class DecodePlan:
         self.blocks = [self._block(block, following, like)
                        for block, following in zip(layers, [*(b.input_layernorm for b in layers[1:]), model.model.norm])]
 
-    @staticmethod
-    def _block(block: nn.Module, following: nn.Module, like: Tensor) -> BlockPlan:
+    def _block(self, block: nn.Module, following: nn.Module, like: Tensor) -> BlockPlan:
         attn, mlp = block.self_attn, block.mlp
         if attn.qkv_proj is not None:
             qkv = rows_function(attn.qkv_proj, like)
         else:
             qkv = _concatenated([rows_function(p, like) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
-        stacked = mlp.gate_up_proj is not None
+        ops = self.ops
+        if mlp.gate_up_proj is not None:
+            gate_up = rows_function(mlp.gate_up_proj, like)
+
+            def gated(h: Tensor) -> Tensor:
+                return ops.silu_mul_halves(gate_up(h))
+        else:
+            gate, up = rows_function(mlp.gate_proj, like), rows_function(mlp.up_proj, like)
+
+            def gated(h: Tensor) -> Tensor:
+                return ops.silu_mul(gate(h), up(h))
         return BlockPlan(
-            qkv=qkv, o=rows_function(attn.o_proj, like),
-            gate_up=rows_function(mlp.gate_up_proj, like) if stacked else None,
-            gate=None if stacked else rows_function(mlp.gate_proj, like),
-            up=None if stacked else rows_function(mlp.up_proj, like),
-            down=rows_function(mlp.down_proj, like),
+            qkv=qkv, o=rows_function(attn.o_proj, like), gated=gated, down=rows_function(mlp.down_proj, like),
             post_norm=block.post_attention_layernorm.weight, next_norm=following.weight,
             heads=attn.heads, scale=attn.head_dim ** -0.5,
         )
@@ -104,9 +107,5 @@ class DecodePlan:
         for block, k, v in zip(self.blocks, keys, values):
             out = ops.attention_after_cache(block.qkv(h), cos, sin, k, v, block.heads, past, block.scale)
             h = ops.add_rms_norm(x, block.o(out), block.post_norm, eps)
-            if block.gate_up is not None:
-                gated = ops.silu_mul_halves(block.gate_up(h))
-            else:
-                gated = ops.silu_mul(block.gate(h), block.up(h))
-            h = ops.add_rms_norm(x, block.down(gated), block.next_norm, eps)
+            h = ops.add_rms_norm(x, block.down(block.gated(h)), block.next_norm, eps)
         return h

@@ -222,8 +222,9 @@ def _as_2_4(stored: QuantizedTensor) -> tuple[QuantizedTensor, str]:
     writes) in the 2:4 structure, whose kernel selects columns by 2-bit indices instead of expanding
     codes by mask bits: the same bytes per weight, less work per call (benchmarks/RESULTS.md, CPU decode).
     Returns the weight to run and the reason for the report."""
-    rows, cols = stored.shape
-    if (stored.structure != "bitmask" or stored.scheme.bits != 4 or not stored.scheme.symmetric or cols % 4
-            or stored.mask().view(rows, cols // 4, 4).sum(-1).max() > 2):
+    if stored.structure != "bitmask" or stored.scheme.bits != 4:
         return stored, "quantized weights run quantized"
-    return stored.restructured("nm", 2, 4), "quantized weights run quantized (2:4 mask: the 2:4 kernels)"
+    try:
+        return stored.restructured("nm", 2, 4), "quantized weights run quantized (2:4 mask: the 2:4 kernels)"
+    except ValueError:  # not 2:4, or a grid with zero points
+        return stored, "quantized weights run quantized"

@@ -174,26 +174,31 @@ at::Tensor nm24_linear(const at::Tensor& x, const at::Tensor& values, const at::
 
 constexpr int64_t kQuantRows = 8;  // batch rows per pass over the weight; larger batches take several passes
 
-template <class Format, int B>
-void run_quant_rows(const Format& w, const float* x, const float* bias, float* y, int64_t out) {
-  at::parallel_for(0, out, kRowsGrain,
-                   [&](int64_t r0, int64_t r1) { st::quant_rows_kernel<B>(w, x, bias, y, out, r0, r1); });
-}
-
 // Batch rows in slabs of up to 8: each slab streams the weight once (decode is the case that matters).
-template <class Format>
-at::Tensor run_quantized(const Format& w, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t out) {
-  check_input(x, w.in, bias, out);
+// kernel(rows, x, bias, y, r0, r1) computes rows [r0, r1) of one slab, with B = decltype(rows)::value.
+template <class Kernel>
+at::Tensor run_slabs(int64_t in, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t out,
+                     Kernel&& kernel) {
+  check_input(x, in, bias, out);
   const int64_t batch = x.size(0);
   at::Tensor y = at::empty({batch, out}, x.options());
   const float* pb = bias ? bias->const_data_ptr<float>() : nullptr;
   for (int64_t b0 = 0; b0 < batch; b0 += kQuantRows) {
-    const float* px = x.const_data_ptr<float>() + b0 * w.in;
+    const float* px = x.const_data_ptr<float>() + b0 * in;
     float* py = y.data_ptr<float>() + b0 * out;
-    with_rows(std::min(kQuantRows, batch - b0),
-              [&](auto rows) { run_quant_rows<Format, decltype(rows)::value>(w, px, pb, py, out); });
+    with_rows(std::min(kQuantRows, batch - b0), [&](auto rows) {
+      at::parallel_for(0, out, kRowsGrain, [&](int64_t r0, int64_t r1) { kernel(rows, px, pb, py, r0, r1); });
+    });
   }
   return y;
+}
+
+template <class Format>
+at::Tensor run_quantized(const Format& w, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t out) {
+  return run_slabs(w.in, x, bias, out, [&](auto rows, const float* px, const float* pb, float* py, int64_t r0,
+                                           int64_t r1) {
+    st::quant_rows_kernel<decltype(rows)::value>(w, px, pb, py, out, r0, r1);
+  });
 }
 
 #if defined(ST_ISA_AVX512VNNI)
@@ -252,26 +257,17 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const c10
               "weight must be a contiguous 2-D float32 or bfloat16 CPU tensor, got ", weight.sizes(), " ",
               weight.scalar_type());
   const int64_t out = weight.size(0), in = weight.size(1);
-  check_input(x, in, bias, out);
-  const int64_t batch = x.size(0);
-  at::Tensor y = at::empty({batch, out}, x.options());
-  const float* pb = bias ? bias->const_data_ptr<float>() : nullptr;
-  for (int64_t b0 = 0; b0 < batch; b0 += 8) {
-    const float* px = x.const_data_ptr<float>() + b0 * in;
-    float* py = y.data_ptr<float>() + b0 * out;
-    with_rows(std::min<int64_t>(8, batch - b0), [&](auto rows) {
-      constexpr int B = decltype(rows)::value;
-      at::parallel_for(0, out, kRowsGrain, [&](int64_t r0, int64_t r1) {
-        if (weight.scalar_type() == at::kFloat) {
-          st::dense_rows_kernel<B>(st::DenseF32{weight.const_data_ptr<float>(), in}, px, pb, py, out, r0, r1);
-        } else {
-          const auto* pw = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<at::BFloat16>());
-          st::dense_rows_kernel<B>(st::DenseBF16{pw, in}, px, pb, py, out, r0, r1);
-        }
-      });
-    });
-  }
-  return y;
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  return run_slabs(in, x, bias, out, [&](auto rows, const float* px, const float* pb, float* py, int64_t r0,
+                                         int64_t r1) {
+    constexpr int B = decltype(rows)::value;
+    if (bf16) {
+      const auto* pw = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<at::BFloat16>());
+      st::dense_rows_kernel<B>(st::DenseBF16{pw, in}, px, pb, py, out, r0, r1);
+    } else {
+      st::dense_rows_kernel<B>(st::DenseF32{weight.const_data_ptr<float>(), in}, px, pb, py, out, r0, r1);
+    }
+  });
 }
 
 at::Tensor dense_int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,

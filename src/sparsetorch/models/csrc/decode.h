@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attention.h"  // gemm_abt, gemm_ab, softmax_row, mkl_threads_setter
+#include "fused.h"      // rotate_head
 
 namespace st {
 
@@ -28,13 +29,6 @@ struct StepShape {
     return ((b * kv_heads + kv) * capacity + position) * dim;
   }
 };
-
-// out = x * cos + rotate_half(x) * sin over one head of `dim` values (as `rotary_rows`).
-inline void rotate_head(const float* x, const float* cos, const float* sin, float* out, int64_t dim) {
-  const int64_t half = dim / 2;
-  for (int64_t j = 0; j < half; ++j) out[j] = x[j] * cos[j] + (-x[j + half]) * sin[j];
-  for (int64_t j = half; j < dim; ++j) out[j] = x[j] * cos[j] + x[j - half] * sin[j];
-}
 
 // The new tokens' keys (rotated) and values into cache positions past .. past + tokens.
 inline void write_cache(const StepShape& s, const float* qkv, const float* cos, const float* sin, float* keys,

@@ -49,19 +49,19 @@ inline void silu_mul_range(const float* g, const float* u, float* y, int64_t i0,
   }
 }
 
+// out = x * cos + rotate_half(x) * sin over one head of `dim` values, rotate_half(x) = (-x[dim/2:], x[:dim/2]).
+inline void rotate_head(const float* x, const float* cos, const float* sin, float* out, int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t j = 0; j < half; ++j) out[j] = x[j] * cos[j] + (-x[j + half]) * sin[j];
+  for (int64_t j = half; j < dim; ++j) out[j] = x[j] * cos[j] + x[j - half] * sin[j];
+}
+
 // Rotary position embedding of one (batch, head) row range: x (tokens, dim) rows with stride
 // x_stride, cos and sin (tokens, dim) rows with stride cs_stride, out rows with stride out_stride.
-// out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[dim/2:], x[:dim/2]).
 inline void rotary_rows(const float* x, int64_t x_stride, const float* cos, const float* sin, int64_t cs_stride,
                         float* out, int64_t out_stride, int64_t tokens, int64_t dim) {
-  const int64_t half = dim / 2;
   for (int64_t t = 0; t < tokens; ++t) {
-    const float* xr = x + t * x_stride;
-    const float* c = cos + t * cs_stride;
-    const float* s = sin + t * cs_stride;
-    float* o = out + t * out_stride;
-    for (int64_t j = 0; j < half; ++j) o[j] = xr[j] * c[j] + (-xr[j + half]) * s[j];
-    for (int64_t j = half; j < dim; ++j) o[j] = xr[j] * c[j] + xr[j - half] * s[j];
+    rotate_head(x + t * x_stride, cos + t * cs_stride, sin + t * cs_stride, out + t * out_stride, dim);
   }
 }
 
