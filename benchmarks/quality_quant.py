@@ -70,6 +70,17 @@ SETTINGS = [
     Setting("sgpt24", "sparsegpt 2:4", dict(method="sparsegpt", pattern="2:4")),
     Setting("sgpt24-int4", "sparsegpt 2:4 + int4-g128 joint", dict(method="sparsegpt", pattern="2:4", quantize="int4"),
             base="sgpt24"),
+    # searched clipping (`PruneConfig.clip_search`) against the same rows with each group's full range
+    Setting("dense-int4-search", "dense + int4-g128 RTN, searched", dict(method="magnitude", sparsity=0.0,
+            quantize="int4", clip_search=True), base="dense"),
+    Setting("dense-int4-gptq-search", "dense + int4-g128 GPTQ, searched", dict(method="sparsegpt", sparsity=0.0,
+            quantize="int4", clip_search=True), base="dense"),
+    Setting("sgpt50-int8-search", "sparsegpt 50% + int8 joint, searched", dict(method="sparsegpt", sparsity=0.5,
+            quantize="int8", clip_search=True), base="sgpt50"),
+    Setting("sgpt50-int4-search", "sparsegpt 50% + int4-g128 joint, searched", dict(method="sparsegpt", sparsity=0.5,
+            quantize="int4", clip_search=True), base="sgpt50"),
+    Setting("sgpt24-int4-search", "sparsegpt 2:4 + int4-g128 joint, searched", dict(method="sparsegpt", pattern="2:4",
+            quantize="int4", clip_search=True), base="sgpt24"),
 ]
 LABELS = {setting.key: setting.label for setting in SETTINGS}
 

@@ -51,3 +51,27 @@ def test_too_short_calibration_text_says_so(tokenizer):
 def test_too_short_evaluation_text_says_so(tokenizer):
     with pytest.raises(ValueError, match="evaluation text is too short"):
         evaluation_windows(tokenizer, "tiny", tokens=1024, seqlen=512)
+
+
+def _prefix_space_tokenizer():
+    """Like `_train_tokenizer`, but the pre-tokenizer adds a space before each call's text, as SentencePiece
+    tokenizers do: tokenizing in chunks would change the ids at every chunk's start."""
+    from tokenizers import pre_tokenizers
+
+    tokenizer = _train_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    return tokenizer
+
+
+@pytest.mark.parametrize("make", [_train_tokenizer, _prefix_space_tokenizer])
+def test_long_texts_get_the_ids_of_one_call(make):
+    """Long texts are tokenized in chunks (bounded memory) only where that gives the ids of one call."""
+    from pydoc_data.topics import topics
+
+    from sparsetorch.data import _CHUNK_CHARS, _token_ids
+
+    tokenizer = make()
+    text = "\n\n".join(list(topics.values())[:400])
+    assert len(text) > 3 * _CHUNK_CHARS
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert _token_ids(tokenizer, text).tolist() == whole

@@ -108,3 +108,22 @@ def test_slice_budgets_add_up_to_the_layer_count():
         assert total == expected
     tiles = sum(Block(2, 4).slice_n_prune(shape, 0.7, a, min(a + 128, 300)) for a in range(0, 300, 128))
     assert tiles == prune_count(5 * 75, 0.7)
+
+
+def test_ties_at_the_cut_drop_the_first_ones_and_exactly_the_count():
+    """Scores equal to the cut are dropped first-come along the selection, so every mask drops exactly
+    the count asked for, whatever the ties (bf16 weights have many)."""
+    from sparsetorch.patterns import _keep_top
+
+    assert _keep_top(torch.tensor([3.0, 1.0, 1.0, 2.0, 1.0, 5.0]), 2).tolist() == [True, False, False, True, True, True]
+    rows = torch.tensor([[1.0, 1.0, 1.0, 0.0], [4.0, 3.0, 2.0, 1.0]])
+    assert _keep_top(rows, 2, dim=1).tolist() == [[False, True, True, False], [True, True, False, False]]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        scores = torch.randint(0, 4, (7, 9), generator=g).float()
+        k = int(torch.randint(0, 10, (), generator=g))
+        keep = _keep_top(scores, k, dim=1)
+        assert ((~keep).sum(1) == k).all()
+        for row, kept in zip(scores, keep):
+            if 0 < k < 9:
+                assert row[kept].min() >= row[~kept].max()

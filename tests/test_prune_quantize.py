@@ -4,6 +4,7 @@ every weight on its grid for every method and pattern, the record, resume and th
 import copy
 import inspect
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -57,6 +58,8 @@ def test_config_names_the_scheme_and_round_trips():
     assert config.scheme == QuantScheme(bits=4, group_size=32, symmetric=False)
     assert PruneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.joint_quantization and not PruneConfig(method="wanda", quantize="int8").joint_quantization
+    searched = PruneConfig(quantize="int4", clip_search=True)
+    assert searched.scheme == QuantScheme(bits=4, group_size=128, search=True) and searched.quantize == "int4-g128"
 
 
 @pytest.mark.parametrize("options,message", [
@@ -66,6 +69,7 @@ def test_config_names_the_scheme_and_round_trips():
     (dict(quantize="int4", group_size=1), r"group_size must be an integer >= 2.*got 1"),
     (dict(quantize="int4", group_size=True), r"group_size must be an integer >= 2.*got True"),
     (dict(quantize="int8", quantize_embeddings="no"), r"quantize_embeddings must be True or False, got 'no'"),
+    (dict(quantize="int4", clip_search=1), r"clip_search must be True or False, got 1"),
 ])
 def test_bad_options_name_the_value(options, message):
     with pytest.raises(ValueError, match=message):
@@ -119,14 +123,17 @@ def test_layers_sharing_an_input_get_the_result_of_each_alone(scheme, pattern, s
         assert grid.scale.shape == (part.shape[0], scheme.groups(W.shape[1]))
 
 
-def test_a_group_grid_is_found_from_the_updated_kept_weights():
+@pytest.mark.parametrize("search", [False, True])
+def test_a_group_grid_is_found_from_the_updated_kept_weights(search):
     """The sweep's grid of group g equals find_grid of the weights as they were when it reached the group's
-    first column, over the entries not pruned: what `SweepGrids.find` is given."""
-    grids = SweepGrids(INT4_G32, (3, 64), torch.device("cpu"))
+    first column, over the entries not pruned: what `SweepGrids.find` is given; a searched grid weighs
+    each column by 1 / d^2."""
+    grids = SweepGrids(replace(INT4_G32, search=search), (3, 64), torch.device("cpu"))
     values = torch.randn(32, 3)  # (width, rows), transposed as the sweep holds them
     kept = torch.rand(32, 3) < 0.5
-    grids.find(32, values, kept)
-    expected = find_grid(values.t(), QuantScheme(bits=4), kept.t())
+    diag = torch.rand(32) + 0.1
+    grids.find(32, values, kept, diag)
+    expected = find_grid(values.t(), QuantScheme(bits=4, search=search), kept.t(), 1.0 / diag.square())
     assert torch.equal(grids.scale[:, 1], expected.scale[:, 0]) and not grids.scale[:, 0].any()
     column = values[5]
     [grid] = grids.grids([3])
@@ -159,7 +166,8 @@ def _sweep_inputs(width, out, m, seed=0):
 
 @needs_joint_op
 @pytest.mark.parametrize("scheme", [INT4_G32, QuantScheme(bits=4, group_size=32, symmetric=False),
-                                    QuantScheme(bits=8, group_size=16)])
+                                    QuantScheme(bits=8, group_size=16), replace(INT4_G32, search=True),
+                                    QuantScheme(bits=4, group_size=32, symmetric=False, search=True)])
 @pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
 @pytest.mark.parametrize("width,out", [(64, 40), (96, 100)])
 def test_the_cpp_joint_sweep_matches_the_torch_sweep(scheme, n, m, width, out):
@@ -186,7 +194,8 @@ def test_the_cpp_joint_sweep_matches_the_torch_sweep(scheme, n, m, width, out):
 
 
 @needs_joint_op
-@pytest.mark.parametrize("scheme", [INT8, INT4_G32, QuantScheme(bits=4, group_size=32, symmetric=False)])
+@pytest.mark.parametrize("scheme", [INT8, INT4_G32, QuantScheme(bits=4, group_size=32, symmetric=False),
+                                    replace(INT4_G32, search=True)])
 @pytest.mark.parametrize("pattern,sparsity", [(Unstructured(), 0.5), (NM(2, 4), None)])
 def test_joint_layers_are_as_good_with_or_without_the_op(scheme, pattern, sparsity, monkeypatch):
     W, X = _layer(2, rows=72)  # two whole slices of 32 rows and a partial one
@@ -385,10 +394,11 @@ def test_prune_with_quantize_from_the_command_line(tiny_model_dir, text_files, t
 
     out = tmp_path / "q"
     assert main(_prune_args(tiny_model_dir, out, text_files[0], "--method", "sparsegpt", "--pattern", "2:4",
-                            "--quantize", "int4", "--group-size", "32")) == 0
+                            "--quantize", "int4", "--group-size", "32", "--clip-search")) == 0
     assert "kept weights int4-g32 (gptq)" in capsys.readouterr().out
     record = json.loads((out / "sparsity.json").read_text())
     assert record["config"]["quantize"] == "int4-g32" and record["quantization"]["method"] == "gptq"
+    assert record["config"]["clip_search"] and record["quantization"]["search"]
     assert record["quantization"]["embeddings"]["modules"] == ["model.embed_tokens"]  # tied: one
     from sparsetorch.formats.pruned import load_pruned
 

@@ -189,6 +189,24 @@ def test_streamed_peak_memory_stays_under_half_the_weights(tmp_path):
     print(f"peak RSS over the start: streamed {streamed / weights:.2f}x, in memory {in_memory / weights:.2f}x of {weights} B")
 
 
+def test_streaming_leaves_transformers_model_classes_unimported(tmp_path):
+    """A streamed prune needs transformers' config, not its model code (whose import alone is a large
+    part of a small model's peak): a fresh process streams a model and has imported no modeling module."""
+    source = _sharded(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from sparsetorch.oneshot.streaming import memory_bound, prune_directory
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        memory_bound({str(source)!r}, __import__("sparsetorch").oneshot.PruneConfig(method="wanda"), (2, 16))
+        prune_directory({str(source)!r}, {str(tmp_path / "out")!r}, ids, method="wanda", progress=False)
+        print(sorted(name for name in sys.modules if name == "transformers.modeling_utils"
+                     or name.startswith("transformers.models.") and ".modeling_" in name and ".auto." not in name))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[-2] == "[]"
+
+
 def test_cli_stream_writes_what_the_in_memory_cli_writes(tiny_model_dir, text_files, tmp_path, capsys):
     from sparsetorch.cli import main
 

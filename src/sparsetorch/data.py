@@ -134,9 +134,47 @@ def demo_text(fetch: bool = True) -> TextSplit:
     )
 
 
+_CHUNK_CHARS = 1 << 16  # characters tokenized per call for long texts
+
+
 def _token_ids(tokenizer, text: str) -> Tensor:
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """The token ids of `text`, tokenized a chunk at a time where that gives the same ids.
+
+    A fast tokenizer's working state for one call grows with the text (several hundred bytes per
+    token), and the memory stays with the process after the call, so a long calibration text
+    tokenized whole would set a streamed prune's peak. Chunks end before a line break that follows
+    a visible character, where byte-level BPE tokenizers split their input anyway; a tokenizer
+    that treats the start of each call specially (SentencePiece's prefix space) tokenizes a sample
+    differently in chunks, and then the text is tokenized whole.
+    """
+    chunks = _chunks(text, _CHUNK_CHARS)
+    if len(chunks) > 1:
+        sample = _chunks(text[: 3 * _CHUNK_CHARS // 16 + 1], _CHUNK_CHARS // 16)[:3]
+        if len(sample) < 2 or _encode(tokenizer, ["".join(sample)]) != _encode(tokenizer, sample):
+            chunks = [text]
+    return torch.tensor(_encode(tokenizer, chunks), dtype=torch.long)
+
+
+def _encode(tokenizer, chunks: list[str]) -> list[int]:
+    """The ids of `chunks` tokenized one call each, concatenated."""
+    ids: list[int] = []
+    for chunk in chunks:
+        ids.extend(tokenizer(chunk, add_special_tokens=False, return_attention_mask=False)["input_ids"])
+    return ids
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of at least `size` characters (the last may be shorter), each cut just
+    before a line break that follows a non-space character."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not (text[cut] == "\n" and not text[cut - 1].isspace()):
+            cut += 1
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return [piece for piece in pieces if piece]
 
 
 def calibration_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int = 0) -> Tensor:

@@ -53,11 +53,21 @@ def prune_count(total: int, sparsity: float) -> int:
 
 
 def _keep_top(scores: Tensor, n_prune: int, dim: int = -1) -> Tensor:
-    """Keep-mask that drops the `n_prune` lowest scores along `dim`."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if n_prune > 0:
-        lowest = torch.topk(scores, n_prune, dim=dim, largest=False, sorted=False).indices
-        keep.scatter_(dim, lowest, False)
+    """Keep-mask that drops the `n_prune` lowest scores along `dim`; of the scores equal to the
+    cut, the first ones along `dim` are dropped.
+
+    The cut is each slice's `n_prune`-th lowest score (a selection, not a sort), so the transient
+    memory is one copy of the scores, not the values and int64 indices of a top-k: a 7B model's
+    largest layer is 45 M scores.
+    """
+    if n_prune <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    cut = torch.kthvalue(scores, n_prune, dim=dim, keepdim=True).values
+    keep = scores > cut
+    ties = scores == cut
+    dropped_ties = n_prune - (~keep).sum(dim, keepdim=True) + ties.sum(dim, keepdim=True)  # ties to drop
+    if bool((dropped_ties < ties.sum(dim, keepdim=True)).any()):  # some ties stay: the later ones
+        keep |= ties & (ties.cumsum(dim, dtype=torch.int32) > dropped_ties)
     return keep
 
 

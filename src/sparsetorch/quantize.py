@@ -7,6 +7,12 @@ around zero, scale = absmax / (2^(b-1) - 1); or asymmetric codes in [0, 2^b - 1]
 point). Scales are stored in fp16, as in GGUF's Q8_0 / Q4_0, and every computation here uses the
 fp16-rounded scale, so `dequantize(quantize(w))` is exactly what a stored model decodes to.
 
+`search` (searched clipping): a group's range is not simply its largest magnitude. A few outliers
+set that range and leave most weights on a handful of codes, so each group tries the ranges
+1, 31/32, ..., 17/32 of its extent and keeps the one whose rounding error, weighted by each
+column's `importance` where given, is least (GPTQ's `mse` option and llama.cpp's quantizers do
+the same). The fractions are exact in float32, so the C++ joint sweep finds the same candidates.
+
 Only kept weights define a grid (`mask`): a pruned weight is stored as no value at all, so it
 must not widen the range of the weights that are. A zero weight stays exactly zero under a
 symmetric grid; under an asymmetric one the index structure, not the grid, keeps it zero.
@@ -31,6 +37,7 @@ __all__ = ["QuantGrid", "QuantScheme", "dequantize", "fake_quantize", "find_grid
            "quantize", "unpack_int4"]
 
 SCALE_DTYPE = torch.float16
+SEARCH_STEPS = 16  # searched clipping tries the ranges (32 - k) / 32 of a group's extent, k < SEARCH_STEPS
 _TINY = 2.0**-24  # a group of zeros gets this scale instead of 0, so dividing by it is safe: fp16's smallest
 # subnormal (a smaller floor, such as 1e-8, rounds to a zero scale in fp16, and 0 / 0 is NaN)
 
@@ -43,6 +50,8 @@ class QuantScheme:
         bits: 8 or 4.
         group_size: input columns sharing one scale; None: one scale per output row.
         symmetric: codes centred on zero (no zero point); False adds a zero point per group.
+        search: choose each group's range by searched clipping (module docstring); how a grid was
+            found is not part of the stored format, so `name` leaves it out.
 
     Raises:
         ValueError: bits other than 8 or 4, or a group size below 2.
@@ -51,10 +60,13 @@ class QuantScheme:
     bits: int
     group_size: int | None = None
     symmetric: bool = True
+    search: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (4, 8):
             raise ValueError(f"bits must be 8 or 4, got {self.bits!r}")
+        if not isinstance(self.search, bool):
+            raise ValueError(f"search must be True or False, got {self.search!r}")
         if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
                                             or self.group_size < 2):
             raise ValueError(f"group_size must be an integer >= 2 or None (one scale per row), got {self.group_size!r}")
@@ -77,7 +89,7 @@ class QuantScheme:
         return 1 if self.group_size is None else -(-cols // self.group_size)
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "search": self.search}
 
 
 def parse_scheme(text: str, group_size: int | None = None) -> QuantScheme:
@@ -128,11 +140,14 @@ def _grouped(weight: Tensor, scheme: QuantScheme) -> Tensor:
     return padded.view(rows, groups, size)
 
 
-def find_grid(weight: Tensor, scheme: QuantScheme, mask: Tensor | None = None) -> QuantGrid:
-    """The round-to-nearest grid of `weight`'s kept entries (all where `mask` is None).
+def find_grid(weight: Tensor, scheme: QuantScheme, mask: Tensor | None = None,
+              importance: Tensor | None = None) -> QuantGrid:
+    """The grid of `weight`'s kept entries (all where `mask` is None): their full range, or with
+    `scheme.search` the clipped range of least rounding error, each column's squared error
+    weighted by `importance` (cols,) where given.
 
     Raises:
-        ValueError: `weight` is not 2-D, or `mask` has another shape.
+        ValueError: `weight` is not 2-D, or `mask` or `importance` has another shape.
     """
     weight = _as_2d(weight).detach().float()
     if mask is not None:
@@ -140,10 +155,34 @@ def find_grid(weight: Tensor, scheme: QuantScheme, mask: Tensor | None = None) -
             raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight's {tuple(weight.shape)}")
         weight = weight * mask
     grouped = _grouped(weight, scheme)
-    low, high = scheme.code_range
+    top, bottom = _extent(grouped, scheme, mask)
+    if not scheme.search:
+        return _range_grid(top, bottom, scheme, weight.shape[1])
+    if importance is not None and importance.shape != (weight.shape[1],):
+        raise ValueError(f"importance must have one entry per input column ({weight.shape[1]}), "
+                         f"got shape {tuple(importance.shape)}")
+    weights = None if importance is None else _grouped(importance.float().expand_as(weight), scheme)
+    best, least = None, None
+    for k in range(SEARCH_STEPS):
+        fraction = (32 - k) / 32
+        grid = _range_grid(top * fraction, None if bottom is None else bottom * fraction, scheme, weight.shape[1])
+        error = _rounding_error(grouped, grid, weights)
+        if best is None:
+            best, least = grid, error
+            continue
+        better = error < least
+        least = torch.where(better, error, least)
+        best = QuantGrid(scheme, torch.where(better, grid.scale, best.scale),
+                         None if grid.zero_point is None else torch.where(better, grid.zero_point, best.zero_point),
+                         best.cols)
+    return best
+
+
+def _extent(grouped: Tensor, scheme: QuantScheme, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(top, bottom) of each group's kept values, (rows, groups): the largest magnitude and None when
+    symmetric; else the range, widened to hold 0.0 (GPTQ and llama.cpp keep 0 on the grid)."""
     if scheme.symmetric:
-        scale = (grouped.abs().amax(dim=-1) / high).clamp_min(_TINY).to(SCALE_DTYPE)
-        return QuantGrid(scheme, scale, None, weight.shape[1])
+        return grouped.abs().amax(dim=-1), None
     if mask is not None:  # the range of the kept values only; pruned ones do not stretch it
         kept = _grouped(mask.float(), scheme).bool()
         top = grouped.masked_fill(~kept, -torch.inf).amax(dim=-1)
@@ -152,10 +191,32 @@ def find_grid(weight: Tensor, scheme: QuantScheme, mask: Tensor | None = None) -
         top, bottom = top.masked_fill(empty, 0.0), bottom.masked_fill(empty, 0.0)
     else:
         top, bottom = grouped.amax(dim=-1), grouped.amin(dim=-1)
-    top, bottom = top.clamp_min(0.0), bottom.clamp_max(0.0)  # 0.0 on the grid, as GPTQ and llama.cpp keep it
+    return top.clamp_min(0.0), bottom.clamp_max(0.0)
+
+
+def _range_grid(top: Tensor, bottom: Tensor | None, scheme: QuantScheme, cols: int) -> QuantGrid:
+    """The round-to-nearest grid spanning [bottom, top] ([-top, top] when symmetric)."""
+    low, high = scheme.code_range
+    if scheme.symmetric:
+        scale = (top / high).clamp_min(_TINY).to(SCALE_DTYPE)
+        return QuantGrid(scheme, scale, None, cols)
     scale = ((top - bottom) / (high - low)).clamp_min(_TINY).to(SCALE_DTYPE)
     zero = torch.round(-bottom / scale.float()).clamp(low, high)
-    return QuantGrid(scheme, scale, zero.to(torch.int16), weight.shape[1])
+    return QuantGrid(scheme, scale, zero.to(torch.int16), cols)
+
+
+def _rounding_error(grouped: Tensor, grid: QuantGrid, weights: Tensor | None) -> Tensor:
+    """Each group's (weighted) squared error of rounding `grouped` (rows, groups, size) on `grid`: (rows, groups)."""
+    low, high = grid.scheme.code_range
+    scale = grid.scale.float().unsqueeze(-1)
+    scaled = grouped / scale
+    if grid.zero_point is not None:
+        zero = grid.zero_point.float().unsqueeze(-1)
+        rounded = (torch.round(scaled + zero).clamp_(low, high) - zero) * scale
+    else:
+        rounded = torch.round(scaled).clamp_(low, high) * scale
+    error = (grouped - rounded).square_()
+    return (error if weights is None else error * weights).sum(dim=-1)
 
 
 def quantize(weight: Tensor, grid: QuantGrid, columns: slice | None = None) -> Tensor:
@@ -179,10 +240,11 @@ def dequantize(codes: Tensor, grid: QuantGrid, columns: slice | None = None) -> 
     return values * grid.per_column(grid.scale, columns)
 
 
-def fake_quantize(weight: Tensor, scheme: QuantScheme, mask: Tensor | None = None) -> tuple[Tensor, QuantGrid]:
+def fake_quantize(weight: Tensor, scheme: QuantScheme, mask: Tensor | None = None,
+                  importance: Tensor | None = None) -> tuple[Tensor, QuantGrid]:
     """(weight rounded to its own grid, the grid): round-to-nearest, in `weight`'s dtype; entries
-    outside `mask` come back exactly zero."""
-    grid = find_grid(weight, scheme, mask)
+    outside `mask` come back exactly zero. `importance`: see `find_grid`."""
+    grid = find_grid(weight, scheme, mask, importance)
     rounded = dequantize(quantize(weight, grid), grid)
     if mask is not None:
         rounded = rounded * mask

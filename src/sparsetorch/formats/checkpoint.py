@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,9 +56,9 @@ __all__ = [
     "CorruptFileError",
     "atomic_directory",
     "check_codec",
+    "codec_entry",
     "codec_metadata",
     "compress_tensors",
-    "encode_tensor",
     "finish_compressed",
     "load_compressed_model",
     "open_compressed",
@@ -231,11 +232,9 @@ def compress_tensors(state: dict[str, Tensor], sparse_layers: Iterable[str],
     return part
 
 
-def encode_tensor(tensor: Tensor, codec: str) -> tuple[Tensor, dict | None]:
-    """`tensor` as the file stores it under `codec`, and its codec layout entry (None for 'none')."""
-    if codec == "none":
-        return tensor, None
-    return codecs.encode(tensor), {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+def codec_entry(tensor: Tensor) -> dict:
+    """The codec layout entry of an encoded tensor: what decoding gives back."""
+    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
 
 
 def codec_metadata(codec: str, layout: Mapping[str, dict]) -> dict[str, str]:
@@ -291,11 +290,12 @@ class CompressedWriter:
         """Store some of the model's tensors (tied duplicates left out); see `compress_tensors`."""
         part = compress_tensors(dict(state), sparse_layers, grids)
         for name, tensor in part.tensors.items():
-            stored, entry = encode_tensor(tensor, self.codec)
-            self.file.add(name, stored)
-            self.bytes_written += stored.numel() * stored.element_size()
-            if entry is not None:
-                self.layout[name] = entry
+            if self.codec == "none":
+                self.file.add(name, tensor)
+                self.bytes_written += tensor.numel() * tensor.element_size()
+                continue
+            self.bytes_written += self.file.add_bytes(name, partial(codecs.encode_into, tensor))
+            self.layout[name] = codec_entry(tensor)
         self.totals.zeros += part.zeros
         self.totals.total += part.total
         self.totals.quantized.update(part.quantized)

@@ -9,13 +9,15 @@ gives back the exact bits; zstd's frame checksum catches a damaged blob.
 
 from __future__ import annotations
 
+import io
 import math
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CODECS", "decode", "decode_stream", "dtype_from_name", "encode"]
+__all__ = ["CODECS", "decode", "decode_stream", "dtype_from_name", "encode", "encode_into"]
 
 CODECS: tuple[str, ...] = ("zstd", "none")
 _SLICE = 1 << 20  # bytes of one plane decoded at a time
@@ -38,13 +40,27 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def encode(tensor: Tensor) -> Tensor:
-    """Byte-plane + zstd encoding of `tensor` as a 1-D uint8 tensor."""
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    planes = raw.reshape(-1, tensor.element_size()).t().contiguous()  # (itemsize, n)
+    """Byte-plane + zstd encoding of `tensor` as a 1-D uint8 tensor (`encode_into` an in-memory buffer)."""
+    encoded = io.BytesIO()
+    encode_into(tensor, encoded)
+    return torch.frombuffer(encoded.getbuffer(), dtype=torch.uint8)
+
+
+def encode_into(tensor: Tensor, target: BinaryIO) -> int:
+    """Write the encoding of `tensor` to the binary file `target`; return the bytes written.
+
+    The planes are gathered and compressed a slice at a time, so memory holds the tensor and a
+    1 MiB slice: no transposed copy of the whole tensor, and no encoding held in memory at all
+    (a streamed prune's largest transient used to be its embedding's).
+    """
+    values = tensor.detach().contiguous().reshape(-1).view(torch.uint8).view(-1, tensor.element_size())
     compressor = _zstd().ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True, threads=-1)
-    blob = compressor.compress(planes.numpy())  # read in place: a bytes copy would double the transient
-    planes = None
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    start = target.tell()
+    with compressor.stream_writer(target, size=values.numel(), closefd=False) as writer:
+        for plane in values.unbind(1):
+            for begin in range(0, plane.numel(), _SLICE):
+                writer.write(plane[begin : begin + _SLICE].contiguous().numpy())
+    return target.tell() - start
 
 
 def decode(blob: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -192,6 +193,20 @@ class SpooledFile:
             raise ValueError(f"tensor {name} was already written to {self.path}")
         self._where[name] = (self._spool.tell(), TensorSpec.of(tensor))
         self._spool.write(_tensor_bytes(tensor))
+
+    def add_bytes(self, name: str, write: Callable[[BinaryIO], int]) -> int:
+        """Append `name` as the uint8 bytes `write(file)` writes there (an encoding streamed straight to
+        disk, never whole in memory); return their count.
+
+        Raises:
+            ValueError: `name` was added before.
+        """
+        if name in self._where:
+            raise ValueError(f"tensor {name} was already written to {self.path}")
+        begin = self._spool.tell()
+        count = write(self._spool)
+        self._where[name] = (begin, TensorSpec(torch.uint8, (count,)))
+        return count
 
     def close(self) -> None:
         """Write the file (header, then every tensor copied from the spool) and remove the spool."""

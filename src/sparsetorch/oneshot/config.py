@@ -74,6 +74,8 @@ class PruneConfig:
             nearest after pruning. Any step that changes weights afterwards (refine, reconstruct)
             is followed by round-to-nearest on the final weights (`oneshot/quantized.py`).
         group_size: input columns per scale for 'int4' (a name with '-gN' sets it instead).
+        clip_search: with `quantize`, choose each group's (or row's) range by searched clipping, the
+            range of least rounding error, instead of its largest magnitude (`sparsetorch.quantize`).
         quantize_embeddings: with `quantize`, also round the input embeddings (and an untied
             output embedding) to int8 per row, round-to-nearest, after all blocks: file-size
             comparisons count the whole model.
@@ -104,6 +106,7 @@ class PruneConfig:
     reconstruct: str | None = None
     quantize: str | None = None
     group_size: int = 128
+    clip_search: bool = False
     quantize_embeddings: bool = True
 
     def __post_init__(self) -> None:
@@ -160,8 +163,9 @@ class PruneConfig:
     def _check_quantize(self) -> None:
         """Validate `quantize` and `group_size`, and store `quantize` as its scheme's full name."""
         check_int(self.group_size, "group_size", 2)  # input columns per scale
-        if not isinstance(self.quantize_embeddings, bool):
-            raise ValueError(f"quantize_embeddings must be True or False, got {self.quantize_embeddings!r}")
+        for name in ("quantize_embeddings", "clip_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.quantize is None:
             return
         if not isinstance(self.quantize, str):
@@ -186,7 +190,7 @@ class PruneConfig:
             >>> PruneConfig(quantize="int4", group_size=64).scheme.name
             'int4-g64'
         """
-        return None if self.quantize is None else parse_scheme(self.quantize)
+        return None if self.quantize is None else replace(parse_scheme(self.quantize), search=self.clip_search)
 
     @property
     def pattern_obj(self) -> Pattern:

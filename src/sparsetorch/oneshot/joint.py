@@ -41,7 +41,7 @@ from torch import Tensor
 from sparsetorch.patterns import NM
 from sparsetorch.quantize import QuantGrid, QuantScheme, find_grid
 
-__all__ = ["SweepGrids", "sweep_joint", "sweep_joint_with_op"]
+__all__ = ["SweepGrids", "sweep_importance", "sweep_joint", "sweep_joint_with_op"]
 
 
 class SweepGrids:
@@ -75,12 +75,13 @@ class SweepGrids:
         """Whether the sweep must find a grid before rounding `column`."""
         return self.group_size is not None and column % self.group_size == 0
 
-    def find(self, column: int, values: Tensor, kept: Tensor) -> None:
+    def find(self, column: int, values: Tensor, kept: Tensor, diag: Tensor) -> None:
         """Find the grid of the group starting at `column` from its current `values` (width, rows),
-        transposed as the sweep holds them, over the entries where `kept` (width, rows) is True."""
+        transposed as the sweep holds them, over the entries where `kept` (width, rows) is True;
+        a searched grid weighs column j's error by 1 / diag[j]^2, as the sweep's scores do."""
         assert column % self.group_size == 0 and values.shape[0] == min(self.group_size, self.cols - column)
         per_row = replace(self.scheme, group_size=None)  # one group's columns: one scale per row
-        self._store(column // self.group_size, find_grid(values.t(), per_row, kept.t()))
+        self._store(column // self.group_size, find_grid(values.t(), per_row, kept.t(), sweep_importance(diag)))
 
     def _store(self, group: int, grid: QuantGrid) -> None:
         self.scale[:, group] = grid.scale[:, 0]
@@ -129,6 +130,12 @@ class SweepGrids:
                 for scale, zero in zip(self.scale.split(rows), zeros)]
 
 
+def sweep_importance(diag: Tensor) -> Tensor:
+    """How much a rounding error in each column costs the layer's output, to first order: 1 / d^2, d
+    the inverse Hessian factor's diagonal (the weight of SparseGPT's (w / d)^2 scores)."""
+    return 1.0 / diag.square()
+
+
 def sweep_joint(block: Tensor, hinv: Tensor, pruned: Tensor, errors: Tensor, n: int, m: int, grids: SweepGrids,
                 start: int) -> None:
     """SparseGPT's in-block sweep that also quantizes: `sparsegpt.sweep_reference` with each kept weight
@@ -147,7 +154,7 @@ def sweep_joint(block: Tensor, hinv: Tensor, pruned: Tensor, errors: Tensor, n: 
             pruned[group] = ~NM(n, m).mask((block[group].t() / diag[group]).square()).t()
         if grids.starts_group(start + i):
             group = slice(i, i + grids.group_size)
-            grids.find(start + i, block[group], ~pruned[group])
+            grids.find(start + i, block[group], ~pruned[group], diag[group])
         target = grids.round(block[i]).masked_fill_(pruned[i], 0.0)  # (out,)
         torch.sub(block[i], target, out=errors[i]).div_(diag[i])
         block[i:].addr_(hinv[i, i:], errors[i], alpha=-1.0)
@@ -159,5 +166,6 @@ def sweep_joint_with_op(op, block: Tensor, hinv: Tensor, pruned: Tensor, errors:
     """`sweep_joint` through the C++ op `sparsegpt_sweep_joint` (`kernels/csrc/sparsegpt_joint.h`)."""
     scale, zero = grids.block_buffers(block.shape[0])
     low, high = grids.scheme.code_range
-    op(block, hinv, pruned, errors, n, m, scale, zero, grids.group_size or 0, low, high, grids.scheme.symmetric)
+    op(block, hinv, pruned, errors, n, m, scale, zero, grids.group_size or 0, low, high, grids.scheme.symmetric,
+       grids.scheme.search)
     grids.store_block(start, scale, zero)

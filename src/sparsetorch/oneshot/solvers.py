@@ -86,30 +86,32 @@ def get_solver(name: str) -> Solver:
         ) from None
 
 
-def _masked(weights: list[Tensor], scores: list[Tensor], pattern: Pattern, sparsity: float) -> list[tuple[Tensor, Tensor]]:
-    """Zero the lowest-scored weights: +0.0, never -0.0, so every stored form is bit-identical."""
+def _masked(weights: list[Tensor], score: Callable[[Tensor], Tensor], pattern: Pattern,
+            sparsity: float) -> list[tuple[Tensor, Tensor]]:
+    """Zero the lowest-scored weights: +0.0, never -0.0, so every stored form is bit-identical.
+    Each layer's scores are made and dropped in turn: a block's scores are never all in memory."""
     results = []
-    for weight, score in zip(weights, scores):
-        keep = pattern.mask(score, sparsity)
+    for weight in weights:
+        keep = pattern.mask(score(weight), sparsity)
         results.append((weight.masked_fill(~keep, 0.0), keep))
     return results
 
 
 @register_solver("magnitude", None, "keep the largest |W|; no calibration data")
 def _magnitude(weights: list[Tensor], stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
-    return _masked(weights, [magnitude_scores(w) for w in weights], pattern, sparsity)
+    return _masked(weights, magnitude_scores, pattern, sparsity)
 
 
 @register_solver("random", None, "keep a random subset; the baseline every method must beat")
 def _random(weights: list[Tensor], stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
     generator = torch.Generator().manual_seed(opts.seed)
-    return _masked(weights, [random_scores(w, generator) for w in weights], pattern, sparsity)
+    return _masked(weights, lambda w: random_scores(w, generator), pattern, sparsity)
 
 
 @register_solver("wanda", InputSqNorms, "keep the largest |W| * ||X||; one pass, no weight update")
 def _wanda(weights: list[Tensor], stat: Statistic | None, pattern: Pattern, sparsity: float, opts: SolverOptions):
     norms = stat.input_sq_norms()
-    return _masked(weights, [wanda_scores(w, norms) for w in weights], pattern, sparsity)
+    return _masked(weights, lambda w: wanda_scores(w, norms), pattern, sparsity)
 
 
 @register_solver("sparsegpt", Gram, "OBS column sweep with lazy updates; reconstructs the kept weights",

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sparsetorch.kernels.build import best_ops
-from sparsetorch.oneshot.joint import SweepGrids, sweep_joint, sweep_joint_with_op
+from sparsetorch.oneshot.joint import SweepGrids, sweep_importance, sweep_joint, sweep_joint_with_op
 from sparsetorch.patterns import NM, Pattern
 from sparsetorch.quantize import QuantGrid, QuantScheme, find_grid
 
@@ -188,7 +188,7 @@ def _sweep_grids(weights: list[Tensor], gram: Tensor, pattern: Pattern, sparsity
     row_grid = None
     if scheme.group_size is None:
         pruned, keep, _ = _solve(weights, gram, pattern, sparsity, block_size, dampening, hinv, None)
-        row_grid = find_grid(torch.cat(pruned), scheme, torch.cat(keep))
+        row_grid = find_grid(torch.cat(pruned), scheme, torch.cat(keep), sweep_importance(hinv.diagonal()))
     return SweepGrids(scheme, shape, weights[0].device, row_grid)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sparsetorch.families import family_of, find_blocks
+from sparsetorch.families import FAMILIES, family_of, find_blocks, model_type
 from sparsetorch.formats.checkpoint import COMPRESSED_DIR, atomic_directory
 from sparsetorch.formats.pruned import structure_name, write_record
 from sparsetorch.formats.pruned_stream import StreamedPrunedWriter
@@ -103,8 +103,8 @@ def prune_directory(
     source = Path(source)
     with ShardedWeights(source) as weights:
         dtype = dtype or stored_dtype(weights)
-        hf = _hf_skeleton(source, dtype)
-        model = _lean_skeleton(hf, dtype, None if calibration is None else calibration.shape[-1])
+        hf_config = _source_config(source, dtype)
+        model = _lean_skeleton(hf_config, weights, dtype, None if calibration is None else calibration.shape[-1])
         store = StreamedBlocks(weights, model, dtype)
         store.load_outside()
         checkpoint = None
@@ -112,8 +112,8 @@ def prune_directory(
             fingerprinted = calibration if calibration is not None else torch.zeros(0, 0, dtype=torch.long)
             checkpoint = ResumeCheckpoint(resume, config, fingerprinted, model, read=store.read)
         with atomic_directory(Path(out), overwrite=overwrite) as staging:
-            hf.save_pretrained(staging, state_dict={})  # config.json and generation_config.json, as save_pruned
-            report = _prune_into(staging, hf, store, calibration, config, checkpoint, codec, progress)
+            _write_configs(staging, hf_config)
+            report = _prune_into(staging, hf_config, store, calibration, config, checkpoint, codec, progress)
             for directory in (staging, staging / COMPRESSED_DIR):
                 if tokenizer is not None:
                     tokenizer.save_pretrained(directory)
@@ -124,16 +124,16 @@ def prune_directory(
     return report
 
 
-def _prune_into(staging: Path, hf: nn.Module, store: StreamedBlocks, calibration: Tensor | None,
+def _prune_into(staging: Path, hf_config, store: StreamedBlocks, calibration: Tensor | None,
                 config: PruneConfig, checkpoint: ResumeCheckpoint | None, codec: str, progress: bool) -> PruneReport:
     """Prune `store.model` block by block, writing the weights of both forms into `staging` as they are done."""
-    specs, tied = _dense_layout(hf, store.weights, store.dtype)
+    specs, tied = _dense_layout(store.model, store.weights, store.dtype)
     sparse = list(find_targets(store.model, config.targets, config.ignore))
     store.writer = StreamedPrunedWriter(staging, specs, tied, sparse, codec=codec)
     try:
         report = prune(store.model, calibration, config, progress=progress, checkpoint=checkpoint, store=store)
         store.write_outside(specs, report.grids)
-        store.writer.finish(hf.config.to_dict(), structure=structure_name(config.pattern), ignore=config.ignore)
+        store.writer.finish(hf_config.to_dict(), structure=structure_name(config.pattern), ignore=config.ignore)
     finally:
         store.writer.close()
     return report
@@ -157,36 +157,58 @@ def stored_dtype(weights: ShardedWeights) -> torch.dtype:
     raise ValueError(f"{weights.directory} stores no floating-point weights")
 
 
-def _hf_skeleton(source: Path, dtype: torch.dtype) -> nn.Module:
-    """transformers' model of `source/config.json` on the meta device: its config and the names of its
-    weights are what the output holds."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers older checkpoints stored, which transformers ignores too
+
+
+def _source_config(source: Path, dtype: torch.dtype):
+    """transformers' config of `source` as the in-memory path saves it: the causal-LM class in
+    `architectures`, the run's dtype. Only the config: the model classes are not imported, which
+    keeps their memory out of a streamed prune's peak.
+
+    Raises:
+        NotImplementedError: a model type transformers has no causal-LM class for.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = AutoConfig.from_pretrained(source)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise NotImplementedError(f"streaming prunes causal language models; model type {config.model_type!r} is "
+                                  "not one: prune it in memory (without --stream)")
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.dtype = dtype
+    return config
 
 
-def _lean_skeleton(hf: nn.Module, dtype: torch.dtype, tokens: int | None) -> LeanLlama:
-    """sparsetorch's own model of `hf`'s shape on the meta device, holding the same parameter names.
+def _write_configs(directory: Path, hf_config) -> None:
+    """config.json and generation_config.json, the files `save_pretrained` of the model writes."""
+    from transformers import GenerationConfig
+
+    hf_config.save_pretrained(directory)
+    GenerationConfig.from_model_config(hf_config).save_pretrained(directory)
+
+
+def _lean_skeleton(hf_config, weights: ShardedWeights, dtype: torch.dtype, tokens: int | None) -> LeanLlama:
+    """sparsetorch's own model of the config's shape on the meta device, whose parameters are exactly
+    the tensors `weights` stores (an alias of a tied weight aside).
 
     Raises:
         NotImplementedError: a family (or configuration) it does not compute.
     """
-    family = family_of(hf)
+    family = FAMILIES.get(hf_config.model_type)
     try:
         if family is None or family.own_model is None:
-            raise NotImplementedError(f"model type {hf.config.model_type!r}")
-        shape = LeanConfig.from_dict(hf.config.to_dict())
+            raise NotImplementedError(f"model type {hf_config.model_type!r}")
+        shape = LeanConfig.from_dict(hf_config.to_dict())
     except (NotImplementedError, ValueError) as err:
         raise NotImplementedError(f"streaming prunes the Llama-family models sparsetorch's own model computes, "
                                   f"not this one ({err}); prune it in memory (without --stream)") from None
     with torch.device("meta"):
         model = LeanLlama(shape, PackedWeights()).to(dtype)
     ours = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    theirs = {name for name, _ in hf.named_parameters(remove_duplicate=False)}
-    if theirs - ours:
-        raise NotImplementedError(f"streaming: parameters {sorted(theirs - ours)[:3]} are not computed by "
+    stored = {name for name in weights.keys() if not name.endswith(_IGNORED_SUFFIXES)}
+    if stored - ours:
+        raise NotImplementedError(f"streaming: stored tensors {sorted(stored - ours)[:3]} are not computed by "
                                   "sparsetorch's own model; prune this model in memory")
     if tokens is not None and (shape.sliding_window or tokens) < tokens:
         raise NotImplementedError(f"streaming: calibration windows of {tokens} tokens exceed the sliding window "
@@ -194,7 +216,7 @@ def _lean_skeleton(hf: nn.Module, dtype: torch.dtype, tokens: int | None) -> Lea
     return model.eval()
 
 
-def _dense_layout(hf: nn.Module, weights: ShardedWeights, dtype: torch.dtype
+def _dense_layout(model: nn.Module, weights: ShardedWeights, dtype: torch.dtype
                   ) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     """The dense file's tensors (what `save_pretrained` stores: the state dict, tied duplicates once)
     and the tied aliases, each checked against the source's shapes.
@@ -203,7 +225,7 @@ def _dense_layout(hf: nn.Module, weights: ShardedWeights, dtype: torch.dtype
         ValueError: the source lacks a tensor the config implies, or holds it in another shape.
     """
     specs, tied, first = {}, {}, {}
-    for name, tensor in hf.state_dict(keep_vars=True).items():
+    for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in first:
             tied[name] = first[id(tensor)]
             continue
@@ -322,17 +344,30 @@ def memory_bound(source: str | Path, config: PruneConfig, calibration_shape: tup
     """
     with ShardedWeights(source) as weights:
         dtype = dtype or stored_dtype(weights)
-        hf = _hf_skeleton(Path(source), dtype)
-        blocks, size = find_blocks(hf), dtype.itemsize
+        model = _skeleton(Path(source), weights, dtype)
+        blocks, size = find_blocks(model), dtype.itemsize
         if blocks is None:
-            raise ValueError(f"sparsetorch knows no block layout for model type {hf.config.model_type!r}")
-        path = family_of(hf).blocks + "."
+            raise ValueError(f"sparsetorch knows no block layout for model type {model_type(model)!r}")
+        path = family_of(model).blocks + "."
         per_block = [sum(p.numel() for p in block.parameters()) * size for block in blocks]
         outside = sum(weights.spec(name).numel * size for name in weights.keys() if not name.startswith(path))
     windows, tokens = calibration_shape or (0, 0)
-    activations = 2 * windows * tokens * hf.config.hidden_size * size
+    activations = 2 * windows * tokens * model.config.hidden_size * size
     statistics = 0
     if config.statistic is Gram:
         targets = find_targets(blocks[0], config.targets, config.ignore).values()
         statistics = sum(m.weight.shape[1] ** 2 * 4 for m in targets)  # fp32, one per layer at most
     return MemoryBound(max(per_block), outside, activations, statistics)
+
+
+def _skeleton(source: Path, weights: ShardedWeights, dtype: torch.dtype) -> nn.Module:
+    """The model of `source` on the meta device: sparsetorch's own where it computes the family (no
+    transformers model class imported), else transformers'."""
+    hf_config = _source_config(source, dtype)
+    try:
+        return _lean_skeleton(hf_config, weights, dtype, None)
+    except NotImplementedError:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()

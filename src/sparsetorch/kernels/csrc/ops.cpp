@@ -404,7 +404,8 @@ void sparsegpt_sweep(const at::Tensor& block, const at::Tensor& hinv, const at::
 // group 0 one given row (a grid per output channel); codes lie in [low, high].
 void sparsegpt_sweep_joint(const at::Tensor& block, const at::Tensor& hinv, const at::Tensor& pruned,
                            const at::Tensor& errors, int64_t n, int64_t m, const at::Tensor& scale,
-                           const at::Tensor& zero, int64_t group, int64_t low, int64_t high, bool symmetric) {
+                           const at::Tensor& zero, int64_t group, int64_t low, int64_t high, bool symmetric,
+                           bool search) {
   const st::SweepShape s = check_sweep(block, hinv, pruned, errors, n, m);
   TORCH_CHECK(group >= 0 && low < high, "group must be >= 0 and low < high, got ", group, ", ", low, ", ", high);
   const int64_t groups = group ? (s.width + group - 1) / group : 1;
@@ -414,8 +415,8 @@ void sparsegpt_sweep_joint(const at::Tensor& block, const at::Tensor& hinv, cons
                 "scale and zero must be contiguous float32 CPU tensors of (", groups, ", ", s.out, "), got ",
                 t->sizes());
   }
-  const st::JointGrid q{group, static_cast<float>(low), static_cast<float>(high), symmetric, scale.data_ptr<float>(),
-                        zero.data_ptr<float>()};
+  const st::JointGrid q{group, static_cast<float>(low), static_cast<float>(high), symmetric, search,
+                        scale.data_ptr<float>(), zero.data_ptr<float>()};
   float* pb = block.data_ptr<float>();
   const float* ph = hinv.const_data_ptr<float>();
   uint8_t* pp = reinterpret_cast<uint8_t*>(pruned.data_ptr<bool>());
@@ -463,6 +464,6 @@ ST_LIBRARY(ST_NAMESPACE, m) {
   m.def("sparsegpt_sweep(Tensor(a!) block, Tensor hinv, Tensor(b!) pruned, Tensor(c!) errors, int n, int m) -> ()",
         &sparsegpt_sweep);
   m.def("sparsegpt_sweep_joint(Tensor(a!) block, Tensor hinv, Tensor(b!) pruned, Tensor(c!) errors, int n, int m, "
-        "Tensor(d!) scale, Tensor(e!) zero, int group, int low, int high, bool symmetric) -> ()",
+        "Tensor(d!) scale, Tensor(e!) zero, int group, int low, int high, bool symmetric, bool search) -> ()",
         &sparsegpt_sweep_joint);
 }
