@@ -3,6 +3,7 @@
     python benchmarks/scale.py                                  # the 7B shape, magnitude and Wanda
     python benchmarks/scale.py --layers 2 --no-append           # a smoke run (seconds)
     python benchmarks/scale.py --bundled --layers 2             # also: bundled model, streamed vs in memory
+    python benchmarks/scale.py --bundled-only                   # only the bundled model's comparison
 
 A model of the chosen shape (default: Llama-2-7B's, hidden 4096, 32 layers, MLP 11008, bf16,
 13.5 GB) is written with random weights one block per shard, never whole in memory. Each method
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--bundled", action="store_true", help="also compare streamed and in-memory prunes of "
                         "the bundled model")
+    parser.add_argument("--bundled-only", action="store_true", help="only the bundled model's comparison")
     parser.add_argument("--work", type=Path, default=WORK, help=f"where models are written (default: {WORK})")
     parser.add_argument("--keep", action="store_true", help="keep the written models")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
@@ -248,8 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         _worker_main(args.worker)
         return
-    lines = header("Streaming prune at scale", "scale.py") + scale_rows(args)
-    if args.bundled:
+    lines = header("Streaming prune at scale", "scale.py") + ([] if args.bundled_only else scale_rows(args))
+    if args.bundled or args.bundled_only:
         lines += bundled_rows(args)
     publish(lines, append=not args.no_append)
 

@@ -59,7 +59,8 @@ def test_config_names_the_scheme_and_round_trips():
     assert PruneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.joint_quantization and not PruneConfig(method="wanda", quantize="int8").joint_quantization
     searched = PruneConfig(quantize="int4", clip_search=True)
-    assert searched.scheme == QuantScheme(bits=4, group_size=128, search=True) and searched.quantize == "int4-g128"
+    assert searched.scheme == QuantScheme(bits=4, group_size=128) and searched.quantize == "int4-g128"
+    assert searched.scheme.search and not PruneConfig(quantize="int4").scheme.search
 
 
 @pytest.mark.parametrize("options,message", [

@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ class QuantScheme:
         group_size: input columns sharing one scale; None: one scale per output row.
         symmetric: codes centred on zero (no zero point); False adds a zero point per group.
         search: choose each group's range by searched clipping (module docstring); how a grid was
-            found is not part of the stored format, so `name` leaves it out.
+            found is not part of the stored format, so `name` and equality leave it out.
 
     Raises:
         ValueError: bits other than 8 or 4, or a group size below 2.
@@ -60,7 +60,7 @@ class QuantScheme:
     bits: int
     group_size: int | None = None
     symmetric: bool = True
-    search: bool = False
+    search: bool = field(default=False, compare=False)  # how grids are found, not what they are
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (4, 8):
