@@ -362,8 +362,15 @@ def memory_bound(source: str | Path, config: PruneConfig, calibration_shape: tup
 
 def _skeleton(source: Path, weights: ShardedWeights, dtype: torch.dtype) -> nn.Module:
     """The model of `source` on the meta device: sparsetorch's own where it computes the family (no
-    transformers model class imported), else transformers'."""
-    hf_config = _source_config(source, dtype)
+    transformers model class imported), else transformers'.
+
+    Raises:
+        ValueError: `source` is not a causal language model.
+    """
+    try:
+        hf_config = _source_config(source, dtype)
+    except NotImplementedError as err:
+        raise ValueError(str(err)) from None
     try:
         return _lean_skeleton(hf_config, weights, dtype, None)
     except NotImplementedError:
