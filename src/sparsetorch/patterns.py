@@ -65,8 +65,9 @@ def _keep_top(scores: Tensor, n_prune: int, dim: int = -1) -> Tensor:
     cut = torch.kthvalue(scores, n_prune, dim=dim, keepdim=True).values
     keep = scores > cut
     ties = scores == cut
-    dropped_ties = n_prune - (~keep).sum(dim, keepdim=True) + ties.sum(dim, keepdim=True)  # ties to drop
-    if bool((dropped_ties < ties.sum(dim, keepdim=True)).any()):  # some ties stay: the later ones
+    tied = ties.sum(dim, keepdim=True)
+    dropped_ties = n_prune - (~keep).sum(dim, keepdim=True) + tied  # ties to drop
+    if bool((dropped_ties < tied).any()):  # some ties stay: the later ones
         keep |= ties & (ties.cumsum(dim, dtype=torch.int32) > dropped_ties)
     return keep
 

@@ -154,22 +154,18 @@ def find_grid(weight: Tensor, scheme: QuantScheme, mask: Tensor | None = None,
         if mask.shape != weight.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight's {tuple(weight.shape)}")
         weight = weight * mask
-    grouped = _grouped(weight, scheme)
-    top, bottom = _extent(grouped, scheme, mask)
+    top, bottom = _extent(_grouped(weight, scheme), scheme, mask)
+    best = _range_grid(top, bottom, scheme, weight.shape[1])
     if not scheme.search:
-        return _range_grid(top, bottom, scheme, weight.shape[1])
+        return best
     if importance is not None and importance.shape != (weight.shape[1],):
         raise ValueError(f"importance must have one entry per input column ({weight.shape[1]}), "
                          f"got shape {tuple(importance.shape)}")
-    weights = None if importance is None else _grouped(importance.float().expand_as(weight), scheme)
-    best, least = None, None
-    for k in range(SEARCH_STEPS):
+    least = _rounding_error(weight, best, importance)
+    for k in range(1, SEARCH_STEPS):
         fraction = (32 - k) / 32
         grid = _range_grid(top * fraction, None if bottom is None else bottom * fraction, scheme, weight.shape[1])
-        error = _rounding_error(grouped, grid, weights)
-        if best is None:
-            best, least = grid, error
-            continue
+        error = _rounding_error(weight, grid, importance)
         better = error < least
         least = torch.where(better, error, least)
         best = QuantGrid(scheme, torch.where(better, grid.scale, best.scale),
@@ -205,18 +201,13 @@ def _range_grid(top: Tensor, bottom: Tensor | None, scheme: QuantScheme, cols: i
     return QuantGrid(scheme, scale, zero.to(torch.int16), cols)
 
 
-def _rounding_error(grouped: Tensor, grid: QuantGrid, weights: Tensor | None) -> Tensor:
-    """Each group's (weighted) squared error of rounding `grouped` (rows, groups, size) on `grid`: (rows, groups)."""
-    low, high = grid.scheme.code_range
-    scale = grid.scale.float().unsqueeze(-1)
-    scaled = grouped / scale
-    if grid.zero_point is not None:
-        zero = grid.zero_point.float().unsqueeze(-1)
-        rounded = (torch.round(scaled + zero).clamp_(low, high) - zero) * scale
-    else:
-        rounded = torch.round(scaled).clamp_(low, high) * scale
-    error = (grouped - rounded).square_()
-    return (error if weights is None else error * weights).sum(dim=-1)
+def _rounding_error(weight: Tensor, grid: QuantGrid, importance: Tensor | None) -> Tensor:
+    """Each group's squared error of rounding `weight` (rows, cols) on `grid`, columns weighted by
+    `importance` where given: (rows, groups)."""
+    error = (dequantize(quantize(weight, grid), grid) - weight).square_()
+    if importance is not None:
+        error = error * importance.float()
+    return _grouped(error, grid.scheme).sum(dim=-1)
 
 
 def quantize(weight: Tensor, grid: QuantGrid, columns: slice | None = None) -> Tensor:
