@@ -127,3 +127,19 @@ def test_ties_at_the_cut_drop_the_first_ones_and_exactly_the_count():
         for row, kept in zip(scores, keep):
             if 0 < k < 9:
                 assert row[kept].min() >= row[~kept].max()
+
+
+def test_ties_at_the_cut_along_any_dim_are_dropped_first_come():
+    """The dropped ties are the first ones along the selected dim, in every slice, for any dim and rank:
+    checked against a running count of the ties."""
+    from sparsetorch.patterns import _keep_top
+
+    g = torch.Generator().manual_seed(1)
+    for shape, dim in [((5, 8), 0), ((5, 8), 1), ((3, 4, 6), 1), ((3, 4, 6), -1), ((40,), 0)]:
+        scores = torch.randint(0, 3, shape, generator=g).float()
+        k = shape[dim] // 2
+        cut = scores.kthvalue(k, dim=dim, keepdim=True).values
+        below = (scores < cut).sum(dim, keepdim=True)
+        ties = scores == cut
+        expected = (scores > cut) | (ties & (ties.cumsum(dim) > k - below))
+        assert torch.equal(_keep_top(scores, k, dim=dim), expected)

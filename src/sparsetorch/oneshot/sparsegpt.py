@@ -47,16 +47,18 @@ def inverse_hessian_factor(gram: Tensor, dampening: float) -> Tensor:
     """
     if not dampening > 0:
         raise ValueError(f"dampening must be > 0 (a fraction of the mean Hessian diagonal), got {dampening}")
-    gram = gram.detach().double().clone()
-    dead = gram.diagonal() == 0
-    gram[dead, dead] = 1.0  # a dead input gets a unit curvature: its weights are zeroed anyway
-    mean_diag = gram.diagonal().mean()
+    reversed_gram = gram.detach().flip(0, 1).double()  # J H J (J reverses order): see _upper_factor_of_inverse
+    dead = reversed_gram.diagonal() == 0
+    reversed_gram[dead, dead] = 1.0  # a dead input gets a unit curvature: its weights are zeroed anyway
+    mean_diag = reversed_gram.diagonal().flip(0).mean()  # summed in the stored order
+    added = 0.0
     while True:
-        damped = gram.clone()
-        damped.diagonal().add_(dampening * mean_diag)
-        factor, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
+        reversed_gram.diagonal().add_(dampening * mean_diag - added)  # damped in place: no second matrix
+        added = dampening * mean_diag
+        factor, info = torch.linalg.cholesky_ex(reversed_gram)
         if info == 0:
-            return _upper_factor_of_inverse(factor).float().contiguous()  # row-major: the sweep reads rows
+            del reversed_gram
+            return _upper_factor_of_inverse(factor)
         if dampening >= 1.0:
             raise RuntimeError("SparseGPT: the Hessian stays singular even with dampening 1.0")
         dampening = min(dampening * 10, 1.0)
@@ -68,9 +70,13 @@ def _upper_factor_of_inverse(reversed_factor: Tensor) -> Tensor:
     H = (J L J)(J L J)^T with J L J upper triangular, so U = (J L J)^-1 = J L^-1 J: one
     factorization and one triangular solve, a third less time than factoring H,
     inverting it and factoring the inverse (the same U to float32 rounding).
+
+    The result is float32 and row-major (the sweep reads rows); at most two float64 matrices
+    exist at once (a 7B model's MLP input is 11008 wide: 0.97 GB each).
     """
     eye = torch.eye(reversed_factor.shape[0], dtype=reversed_factor.dtype, device=reversed_factor.device)
-    return torch.linalg.solve_triangular(reversed_factor, eye, upper=False).flip(0, 1)
+    inverse = torch.linalg.solve_triangular(reversed_factor, eye, upper=False, out=eye)
+    return inverse.float().flip(0, 1)
 
 
 def sparsegpt_prune(

@@ -43,6 +43,7 @@ from sparsetorch.oneshot.pipeline import prune
 from sparsetorch.oneshot.report import PruneReport
 from sparsetorch.oneshot.resume import ResumeCheckpoint
 from sparsetorch.oneshot.stats import Gram
+from sparsetorch.runtime.malloc import give_back_free_memory
 from sparsetorch.targets import find_targets
 
 __all__ = ["MemoryBound", "StreamedBlocks", "memory_bound", "prune_directory", "stored_dtype"]
@@ -288,6 +289,7 @@ class StreamedBlocks:
                 packed.forget(modules)
                 break
         block.to("meta")
+        give_back_free_memory()  # else the heap keeps each block's freed temporaries and grows block by block
 
     def resume(self, checkpoint: ResumeCheckpoint, pruner) -> tuple[int, list[Tensor] | None]:
         """Write the blocks a checkpoint holds from it (the source's copies are never read) and restore
