@@ -86,12 +86,9 @@ def test_streamed_keeps_the_stored_dtype(tmp_path):
         assert weights.spec("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
-def test_resume_writes_finished_blocks_from_the_checkpoint_without_reading_them(tmp_path, monkeypatch, method):
-    source = _sharded(tmp_path, layers=4)
-    config = PruneConfig(method=method)
-    ids = calibration_ids() if config.calibrated else None
-    prune_directory(source, tmp_path / "whole", ids, config, progress=False)
+def _resumed_after_block_2(source: Path, tmp_path: Path, ids, config: PruneConfig, monkeypatch) -> list[str]:
+    """Stream into tmp_path/'resumed', interrupted in block 2, then resume it; the tensor names the
+    resumed run read from the source."""
     real = pipeline._LayerPruner.prune_group
 
     def interrupt(self, modules, stat):
@@ -109,6 +106,16 @@ def test_resume_writes_finished_blocks_from_the_checkpoint_without_reading_them(
     monkeypatch.setattr(ShardedWeights, "tensor", lambda self, name, dtype=None: reads.append(name) or
                         tensor(self, name, dtype))
     prune_directory(source, tmp_path / "resumed", ids, config, progress=False, resume=tmp_path / "ckpt")
+    return reads
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
+def test_resume_writes_finished_blocks_from_the_checkpoint_without_reading_them(tmp_path, monkeypatch, method):
+    source = _sharded(tmp_path, layers=4)
+    config = PruneConfig(method=method)
+    ids = calibration_ids() if config.calibrated else None
+    prune_directory(source, tmp_path / "whole", ids, config, progress=False)
+    reads = _resumed_after_block_2(source, tmp_path, ids, config, monkeypatch)
     finished = [name for name in reads if name.startswith(("model.layers.0.", "model.layers.1."))]
     assert all("layernorm" in name for name in finished)  # the pruned weights come from the checkpoint
     assert any(name.startswith("model.layers.3.mlp") for name in reads)
@@ -122,10 +129,22 @@ def test_streaming_refuses_what_it_cannot_run(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(NotImplementedError, match="in memory"):
         prune_directory(tmp_path / "gpt2", tmp_path / "out", method="magnitude", progress=False)
-    source = _sharded(tmp_path)
-    with pytest.raises(NotImplementedError, match="owl"):
-        prune_directory(source, tmp_path / "out", calibration_ids(), method="wanda", allocation="owl", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_streamed_owl_writes_the_in_memory_files_and_resumes_without_measuring_again(tmp_path, monkeypatch):
+    """OWL measures every block before pruning any: streamed, a first pass loads and frees each block;
+    a resumed run takes the sparsities from its checkpoint and reads no finished block."""
+    source = _sharded(tmp_path, layers=4)
+    config, ids = PruneConfig(method="wanda", sparsity=0.6, allocation="owl", owl_lambda=0.1), calibration_ids()
+    report = _in_memory(source, tmp_path / "memory", config, ids)
+    assert len({round(layer.sparsity, 3) for layer in report.layers.values()}) > 1  # the blocks differ
+    prune_directory(source, tmp_path / "streamed", ids, config, progress=False)
+    _assert_same_output(tmp_path / "memory", tmp_path / "streamed")
+    reads = _resumed_after_block_2(source, tmp_path, ids, config, monkeypatch)
+    finished = [name for name in reads if name.startswith(("model.layers.0.", "model.layers.1."))]
+    assert all("layernorm" in name for name in finished)
+    _assert_same_output(tmp_path / "memory", tmp_path / "resumed")
 
 
 def test_memory_bound_counts_the_largest_block_and_what_lies_outside(tmp_path):

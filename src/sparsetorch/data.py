@@ -14,6 +14,7 @@ evaluates, and a warning says so.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -163,14 +164,16 @@ def _encode(tokenizer, chunks: list[str]) -> list[int]:
     return ids
 
 
+_LINE_END = re.compile(r"(?<=\S)\n")  # a line break after a non-space character
+
+
 def _chunks(text: str, size: int) -> list[str]:
     """`text` cut into pieces of at least `size` characters (the last may be shorter), each cut just
     before a line break that follows a non-space character."""
     pieces, start = [], 0
     while len(text) - start > size:
-        cut = start + size
-        while cut < len(text) and not (text[cut] == "\n" and not text[cut - 1].isspace()):
-            cut += 1
+        found = _LINE_END.search(text, start + size)
+        cut = found.start() if found else len(text)
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])

@@ -6,6 +6,8 @@ of the block before; so this pass runs before any pruning, and costs one dense f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
 from sparsetorch.allocate import outlier_ratio
@@ -15,15 +17,21 @@ from sparsetorch.oneshot.stats import InputSqNorms
 from sparsetorch.scores import wanda_scores
 from sparsetorch.targets import weight_matrix
 
+if TYPE_CHECKING:
+    from sparsetorch.oneshot.pipeline import BlockStore
+
 __all__ = ["block_outlier_ratios"]
 
 
-def block_outlier_ratios(batches: BlockBatches, blocks: nn.ModuleList, targets: set[nn.Module], m: float) -> list[float]:
+def block_outlier_ratios(batches: BlockBatches, blocks: nn.ModuleList, targets: set[nn.Module], m: float,
+                         store: BlockStore | None = None) -> list[float]:
     """Per block, the fraction of its target layers' |W|·‖X‖ above `m` times their mean (blocks without
-    targets: 0)."""
+    targets: 0). With `store` (a streamed model) each block is loaded for its turn and unloaded after."""
     hidden: list[Tensor] = batches.hidden
     ratios = []
-    for block in blocks:
+    for index, block in enumerate(blocks):
+        if store is not None:
+            store.load(index, block)
         inside = [module for module in block.modules() if module in targets]
         norms = {module: InputSqNorms(weight_matrix(module).shape[1]) for module in inside}
 
@@ -34,4 +42,7 @@ def block_outlier_ratios(batches: BlockBatches, blocks: nn.ModuleList, targets: 
             hidden = [forward() for forward in batches.forwards(block, hidden)]
         scores = [wanda_scores(weight_matrix(module), norms[module].value) for module in inside]
         ratios.append(outlier_ratio(scores, m) if scores else 0.0)
+        del scores
+        if store is not None:
+            store.unload(index, block)
     return ratios

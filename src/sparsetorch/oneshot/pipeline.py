@@ -51,7 +51,8 @@ class BlockStore(Protocol):
     """Where the decoder blocks' weights live when the model is not held whole (`oneshot/streaming.py`).
 
     The pipeline calls `load` before it works on block `index` and `release` once the block is pruned
-    and checkpointed; on resume, `resume` replaces loading the finished blocks into the model.
+    and checkpointed; on resume, `resume` replaces loading the finished blocks into the model. A pass
+    that only measures the blocks (OWL's) frees each with `unload`, which writes nothing.
     """
 
     def resume(self, checkpoint: ResumeCheckpoint, pruner: _LayerPruner) -> tuple[int, list[Tensor] | None]: ...
@@ -59,6 +60,8 @@ class BlockStore(Protocol):
     def load(self, index: int, block: nn.Module) -> None: ...
 
     def release(self, index: int, block: nn.Module, pruner: _LayerPruner) -> None: ...
+
+    def unload(self, index: int, block: nn.Module) -> None: ...
 
 
 def prune(
@@ -332,7 +335,7 @@ def _prune_with_calibration(
         return
     _check_all_inside(pruner, blocks)
     batches = block_batches(model, blocks, chunks)
-    pruner.sparsity = _allocate(config, pruner, blocks, batches)  # before a resume restores pruned blocks
+    pruner.sparsity = _allocate(config, pruner, blocks, batches, store, checkpoint)  # before a resume restores
     modules = dict(model.named_modules())
     if checkpoint is None:
         start, saved = 0, None
@@ -370,9 +373,11 @@ def _prune_with_calibration(
 
 
 def _allocate(config: PruneConfig, pruner: _LayerPruner, blocks: nn.ModuleList | None,
-              batches: BlockBatches | None) -> dict[str, float]:
+              batches: BlockBatches | None, store: BlockStore | None = None,
+              checkpoint: ResumeCheckpoint | None = None) -> dict[str, float]:
     """Each target layer's sparsity: its block's, by `config.allocation`, then `config.layer_sparsity`.
-    Without blocks (a whole-model pass) only 'uniform' and the explicit map apply."""
+    Without blocks (a whole-model pass) only 'uniform' and the explicit map apply. OWL's block
+    sparsities are kept in `checkpoint`, so a resumed run does not measure (or read) the blocks again."""
     if blocks is None:
         if config.allocation != "uniform":
             raise ValueError(f"allocation={config.allocation!r} spreads sparsity over decoder blocks, and sparsetorch "
@@ -382,8 +387,12 @@ def _allocate(config: PruneConfig, pruner: _LayerPruner, blocks: nn.ModuleList |
         if batches is None:
             raise ValueError("allocation='owl' measures outliers on calibration data: use a calibrated method "
                              "(wanda, sparsegpt) or another allocation")
-        ratios = block_outlier_ratios(batches, blocks, set(pruner.names), config.owl_m)
-        per_block = allocate.owl(ratios, config.sparsity, config.owl_lambda)
+        per_block = None if checkpoint is None else checkpoint.block_sparsities()
+        if per_block is None:
+            ratios = block_outlier_ratios(batches, blocks, set(pruner.names), config.owl_m, store)
+            per_block = allocate.owl(ratios, config.sparsity, config.owl_lambda)
+            if checkpoint is not None:
+                checkpoint.save_block_sparsities(per_block)
     elif config.allocation == "depth":
         per_block = allocate.depth(len(blocks), config.sparsity, config.depth_step)
     else:

@@ -32,6 +32,7 @@ from sparsetorch.targets import find_targets, weight_matrix
 __all__ = ["DamagedCheckpointError", "ResumeCheckpoint", "StaleCheckpointError", "model_identity"]
 
 _PROGRESS = "progress.json"
+_ALLOCATION = "allocation.json"  # the per-block sparsities an allocation measured (OWL), once per run
 _LEGACY_HIDDEN = "hidden.pt"  # checkpoints written before the hidden states were named per block
 
 
@@ -229,6 +230,22 @@ class ResumeCheckpoint:
         for stale in self.directory.glob("hidden*.pt"):
             if stale.name != hidden_name:
                 stale.unlink()
+
+    def block_sparsities(self) -> list[float] | None:
+        """The per-block sparsities this run's allocation chose (`save_block_sparsities`), or None when
+        there is no valid checkpoint to resume."""
+        path = self.directory / _ALLOCATION
+        if not path.exists() or self._progress() is None:
+            return None
+        try:
+            return [float(value) for value in json.loads(path.read_text())]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as err:
+            raise self._damaged(path, err) from None
+
+    def save_block_sparsities(self, sparsities: list[float]) -> None:
+        """Keep the per-block sparsities an allocation measured (OWL's), for a resumed run."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _replace(self.directory / _ALLOCATION, lambda p: p.write_text(json.dumps(sparsities)))
 
     def clear(self) -> None:
         """Remove the checkpoint once the run's output is safely written."""

@@ -141,9 +141,6 @@ def _prune_into(staging: Path, hf_config, store: StreamedBlocks, calibration: Te
 
 
 def _check_streamable(config: PruneConfig) -> None:
-    if config.allocation == "owl":
-        raise NotImplementedError("allocation='owl' measures every block before pruning any, which streaming "
-                                  "does not do yet: prune in memory, or use allocation 'uniform' or 'depth'")
     if config.blocks is not None:
         raise NotImplementedError("streaming runs the families sparsetorch's own model implements; an explicit "
                                   "blocks path needs the in-memory pipeline")
@@ -280,9 +277,13 @@ class StreamedBlocks:
         prefix = self._prefix(index)
         state = {prefix + name: tensor.detach() for name, tensor in block.state_dict().items()}
         self.writer.write(state, {name: grid for name, grid in pruner.grids.items() if name.startswith(prefix)})
-        modules = set(block.modules())
-        for module in modules:
+        for module in block.modules():
             pruner.masks.pop(pruner.names.get(module), None)
+        self.unload(index, block)
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        """Free block `index`'s weights, and their packed copies, without writing them."""
+        modules = set(block.modules())
         for module in modules:
             packed = getattr(module, "packed", None)
             if packed is not None:
