@@ -52,8 +52,14 @@ class BlockStore(Protocol):
 
     The pipeline calls `load` before it works on block `index` and `release` once the block is pruned
     and checkpointed; on resume, `resume` replaces loading the finished blocks into the model. A pass
-    that only measures the blocks (OWL's) frees each with `unload`, which writes nothing.
+    that only measures the blocks (OWL's) frees each with `unload`, which writes nothing. The weights
+    outside the blocks are loaded (`load_outside`) only to make block 0's inputs, then freed
+    (`unload_outside`), and loaded again for the run's last step.
     """
+
+    def load_outside(self) -> None: ...
+
+    def unload_outside(self) -> None: ...
 
     def resume(self, checkpoint: ResumeCheckpoint, pruner: _LayerPruner) -> tuple[int, list[Tensor] | None]: ...
 
@@ -121,6 +127,8 @@ def prune(
             runner, targets = calibration_model(model, targets, calibration.shape[-1], config.blocks)
             pruner = _LayerPruner(config, targets)
             _prune_with_calibration(runner, calibration, config, pruner, progress, checkpoint, store)
+        if store is not None:
+            store.load_outside()
         pruner.quantize_embeddings(model)
     return pruner.report(time.perf_counter() - started)
 
@@ -334,7 +342,11 @@ def _prune_with_calibration(
         _prune_whole_model(model, chunks, config, pruner, strategy, precision)
         return
     _check_all_inside(pruner, blocks)
+    if store is not None:
+        store.load_outside()
     batches = block_batches(model, blocks, chunks)
+    if store is not None:
+        store.unload_outside()
     pruner.sparsity = _allocate(config, pruner, blocks, batches, store, checkpoint)  # before a resume restores
     modules = dict(model.named_modules())
     if checkpoint is None:

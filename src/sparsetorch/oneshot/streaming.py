@@ -4,12 +4,14 @@ The sequential pipeline (`pipeline.py`) needs one decoder block's weights at a t
 model is a skeleton on the meta device, sparsetorch's own Llama-family model (`models/llama.py`,
 which the pipeline calibrates those families with in memory too):
 
-1. The weights outside the blocks (embeddings, final norm, output layer) are read: block 0's
-   inputs are the token embeddings, and they are small beside the blocks.
+1. The weights outside the blocks (embeddings, final norm, output layer) are read to make block
+   0's inputs (the token embeddings of the calibration windows), then freed: nothing reads them
+   again until the last step (a 7B model's embeddings and output layer are 0.5 GB in bf16).
 2. Before block i's turn its weights are read from the source shards by name (`StreamedBlocks.load`);
    once it is pruned (and checkpointed) they are written to the output's dense and compressed
    files and freed (`release`), so the next block's read reuses their memory.
-3. After the last block, the weights outside the blocks are written and the files completed
+3. After the last block, the weights outside the blocks are read again (and quantized, when the
+   run quantizes embeddings), written, and the files completed
    (`formats/pruned_stream.py`), with the configs, tokenizer and `sparsity.json`.
 
 The pruning itself is `pipeline.prune`, the very code of an in-memory run: the weights come out
@@ -17,8 +19,8 @@ bit-identical to `prune` + `save_pruned` of the same model in the same dtype, an
 A resumed run (`resume=`) writes the finished blocks from its checkpoint and never reads them from
 the source or runs them again.
 
-Peak memory is about the largest block, the calibration activations and the weights outside the
-blocks (`memory_bound`), whatever the model's size.
+Peak memory is about the largest block and the calibration activations (`memory_bound`), whatever
+the model's size.
 """
 
 from __future__ import annotations
@@ -107,7 +109,6 @@ def prune_directory(
         hf_config = _source_config(source, dtype)
         model = _lean_skeleton(hf_config, weights, dtype, None if calibration is None else calibration.shape[-1])
         store = StreamedBlocks(weights, model, dtype)
-        store.load_outside()
         checkpoint = None
         if resume is not None:
             fingerprinted = calibration if calibration is not None else torch.zeros(0, 0, dtype=torch.long)
@@ -269,6 +270,17 @@ class StreamedBlocks:
         self.model.load_state_dict(state, strict=False, assign=True)
         self.model.tie_weights()
 
+    def unload_outside(self) -> None:
+        """Free the parameters outside the blocks: block 0's inputs are made, and nothing else reads them
+        until the run's last step."""
+        inside = self.path + "."
+        for name, module in self.model.named_modules():
+            owns_parameters = next(module.parameters(recurse=False), None) is not None
+            if name and not name.startswith(inside) and name != self.path and owns_parameters:
+                module.to("meta")
+        self.model.tie_weights()  # moved one by one, tied weights came apart
+        give_back_free_memory()
+
     def load(self, index: int, block: nn.Module) -> None:
         prefix = self._prefix(index)
         block.load_state_dict({name: self.read(prefix + name) for name, _ in block.named_parameters()}, assign=True)
@@ -317,9 +329,10 @@ class StreamedBlocks:
 
 @dataclass(frozen=True)
 class MemoryBound:
-    """What a streamed prune holds at once, in bytes: the largest block, the weights outside the blocks
-    (embeddings, output layer), the calibration activations (a block's inputs and outputs for all windows)
-    and the layer statistics of one block (Gram matrices for SparseGPT and the refitting steps)."""
+    """What a streamed prune holds at once, in bytes: the calibration activations (a block's inputs and
+    outputs for all windows) throughout; beside them, while a block is pruned, the largest block and
+    the layer statistics of one block (Gram matrices for SparseGPT and the refitting steps), or, before
+    the first block and after the last, the weights outside the blocks (embeddings, output layer)."""
 
     block: int
     outside: int
@@ -328,7 +341,7 @@ class MemoryBound:
 
     @property
     def total(self) -> int:
-        return self.block + self.outside + self.activations + self.statistics
+        return max(self.block + self.statistics, self.outside) + self.activations
 
     def to_dict(self) -> dict:
         return {"block": self.block, "outside_blocks": self.outside, "activations": self.activations,
