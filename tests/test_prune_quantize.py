@@ -60,7 +60,10 @@ def test_config_names_the_scheme_and_round_trips():
     assert config.joint_quantization and not PruneConfig(method="wanda", quantize="int8").joint_quantization
     searched = PruneConfig(quantize="int4", clip_search=True)
     assert searched.scheme == QuantScheme(bits=4, group_size=128) and searched.quantize == "int4-g128"
-    assert searched.scheme.search and not PruneConfig(quantize="int4").scheme.search
+    assert searched.scheme.search and not PruneConfig(quantize="int4", clip_search=False).scheme.search
+    # the default: searched for 4-bit grids, full range for int8 (what measured better on both texts)
+    assert PruneConfig(quantize="int4").clip_search and PruneConfig(quantize="int4-g32-asym").scheme.search
+    assert not PruneConfig(quantize="int8").clip_search and PruneConfig().clip_search is False
 
 
 @pytest.mark.parametrize("options,message", [
@@ -70,7 +73,7 @@ def test_config_names_the_scheme_and_round_trips():
     (dict(quantize="int4", group_size=1), r"group_size must be an integer >= 2.*got 1"),
     (dict(quantize="int4", group_size=True), r"group_size must be an integer >= 2.*got True"),
     (dict(quantize="int8", quantize_embeddings="no"), r"quantize_embeddings must be True or False, got 'no'"),
-    (dict(quantize="int4", clip_search=1), r"clip_search must be True or False, got 1"),
+    (dict(quantize="int4", clip_search=1), r"clip_search must be True, False or None \(on for 4-bit grids\), got 1"),
 ])
 def test_bad_options_name_the_value(options, message):
     with pytest.raises(ValueError, match=message):

@@ -133,9 +133,10 @@ def _add_quantize_options(parser: argparse.ArgumentParser) -> None:
                             "per row too. Default: off, the model's dtype")
     group.add_argument("--group-size", type=int, default=128,
                        help="input columns sharing one scale with --quantize int4 (default: 128)")
-    group.add_argument("--clip-search", action="store_true",
+    group.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                        help="with --quantize, give each group the range of least rounding error among 16 clipped "
-                            "ranges instead of its largest magnitude (searched clipping)")
+                            "ranges instead of its largest magnitude (searched clipping). Default: on for int4, "
+                            "off for int8")
     group.add_argument("--keep-embeddings", action="store_true",
                        help="with --quantize, leave the embeddings (and an untied lm_head) in the model's dtype")
 
@@ -368,7 +369,7 @@ def _config_from_args(args):
         reconstruct=None if args.reconstruct == "none" else args.reconstruct,
         quantize=getattr(args, "quantize", None),  # `prune` has the quantization options, `demo` not
         group_size=getattr(args, "group_size", 128),
-        clip_search=getattr(args, "clip_search", False),
+        clip_search=getattr(args, "clip_search", None),
         quantize_embeddings=not getattr(args, "keep_embeddings", False),
     )
 
