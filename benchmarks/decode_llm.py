@@ -109,7 +109,7 @@ def main() -> None:
         "compressed directory (no dense weights), decided at batch size 1. "
         f"{DECODER_NOTES[args.decoder]} Peak RSS is the whole worker process (Python and torch included); the "
         "parent tokenizes the prompt and prefill text once and passes the ids, and each worker keeps glibc's mmap "
-        "threshold at 128 KiB (`runtime.malloc`) so freed buffers leave the resident set (both variants alike). "
+        "threshold at 128 KiB (`sparsetorch.malloc`) so freed buffers leave the resident set (both variants alike). "
         "Linear share: time inside Linear/SparseLinear forwards in one instrumented decode (lm_head included).",
         "",
         *lines,

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sparsetorch"
 
 # Each layer may import the layers before it, never those after it.
 LAYERS: list[set[str]] = [
-    {"cache", "checks"},
+    {"cache", "checks", "malloc"},
     {"patterns", "scores", "targets", "families", "data", "allocate", "quantize"},
     {"formats"},
     {"kernels"},

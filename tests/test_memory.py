@@ -27,6 +27,6 @@ def test_a_child_process_reports_its_own_peak_not_its_parents():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_fix_mmap_threshold_takes_on_glibc():
-    code = ("from sparsetorch.runtime.malloc import fix_mmap_threshold as f; import sys; "
+    code = ("from sparsetorch.malloc import fix_mmap_threshold as f; import sys; "
             "sys.exit(0 if f() and f(64 * 1024) else 1)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # its own process: a process-wide setting

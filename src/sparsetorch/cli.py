@@ -489,7 +489,7 @@ def _sizes(out: Path) -> tuple[int, int]:
 
 def _cmd_prune(args) -> int:
     from sparsetorch.formats.lock import output_lock
-    from sparsetorch.runtime.malloc import fix_mmap_threshold
+    from sparsetorch.malloc import fix_mmap_threshold
 
     fix_mmap_threshold()  # each layer's MB-sized temporaries go back when freed, not into a growing heap
     config = _config_from_args(args)

@@ -7,7 +7,7 @@ is the variant's own. Reported: median prefill and decode tokens/s over all repe
 produced the very same tokens. Both variants run in the same decoder: 'lean' (`models.llama`,
 no transformers in the process), 'transformers', or 'auto' (lean for the families it runs).
 Peak RSS is the model's run alone: this process tokenizes the prompt and prefill text once and
-hands the ids to the workers, and each worker fixes glibc's mmap threshold (`runtime.malloc`)
+hands the ids to the workers, and each worker fixes glibc's mmap threshold (`sparsetorch.malloc`)
 so that freed loading temporaries go back to the OS in both variants.
 """
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from sparsetorch.evaluate.memory import peak_rss_bytes
 from sparsetorch.evaluate.speed import greedy_decode, measure_prefill
+from sparsetorch.malloc import fix_mmap_threshold
 from sparsetorch.nn import SparseLinear
-from sparsetorch.runtime.malloc import fix_mmap_threshold
 
 __all__ = ["DECODERS", "linear_seconds", "main", "resolve_decoder", "weight_bytes"]
 

@@ -38,6 +38,7 @@ from sparsetorch.formats.pruned import structure_name, write_record
 from sparsetorch.formats.pruned_stream import StreamedPrunedWriter
 from sparsetorch.formats.safetensors_writer import TensorSpec
 from sparsetorch.formats.sharded import ShardedWeights
+from sparsetorch.malloc import give_back_free_memory
 from sparsetorch.models.llama import LeanConfig, LeanLlama
 from sparsetorch.models.packed import PackedWeights
 from sparsetorch.oneshot.config import PruneConfig
@@ -45,7 +46,6 @@ from sparsetorch.oneshot.pipeline import prune
 from sparsetorch.oneshot.report import PruneReport
 from sparsetorch.oneshot.resume import ResumeCheckpoint
 from sparsetorch.oneshot.stats import Gram
-from sparsetorch.runtime.malloc import give_back_free_memory
 from sparsetorch.targets import find_targets
 
 __all__ = ["MemoryBound", "StreamedBlocks", "memory_bound", "prune_directory", "stored_dtype"]

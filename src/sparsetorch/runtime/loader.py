@@ -23,10 +23,10 @@ from sparsetorch.formats.bitmask import BITMASK_KEYS, BitmaskTensor
 from sparsetorch.formats.checkpoint import COMPRESSED_DIR, CompressedReader, CorruptFileError, open_compressed
 from sparsetorch.formats.quantized import QuantizedTensor
 from sparsetorch.formats.quantized_layers import record_dtype
+from sparsetorch.malloc import give_back_free_memory
 from sparsetorch.nn import SparseLinear
 from sparsetorch.runtime.config import RuntimeConfig
 from sparsetorch.runtime.decide import DENSE, LayerDecision, TimingCache, decide_layer
-from sparsetorch.runtime.malloc import give_back_free_memory
 from sparsetorch.runtime.report import CompileReport
 from sparsetorch.runtime.timing import MedianTimer, Timer
 from sparsetorch.targets import is_conv1d
