@@ -75,15 +75,17 @@ def _keep_top(scores: Tensor, n_prune: int, dim: int = -1) -> Tensor:
 def _later_ties(ties: Tensor, n_first: Tensor, dim: int) -> Tensor:
     """Mask of the ties after each slice's first `n_first` along `dim`.
 
-    Works on the ties' positions, 8 bytes per tie, instead of a running count over every score
-    (4 bytes each): a bf16 layer's cut is tied by some thousands of its 45 M scores.
+    Works on the ties' positions and the slices that hold them, a few int64s per tie, instead of a
+    running count over every score (4 bytes each): a bf16 layer's cut is tied by some thousands of
+    its 45 M scores.
     """
     moved = ties.movedim(dim, -1)
     width = moved.shape[-1]
     where = moved.reshape(-1).nonzero().squeeze(1)  # flat positions, slice by slice, in order along dim
     slices = where // width
-    first_of_slice = torch.searchsorted(slices, torch.arange(moved.numel() // width, device=ties.device))
-    rank = torch.arange(where.numel(), device=ties.device) - first_of_slice[slices]
+    _, per_slice = torch.unique_consecutive(slices, return_counts=True)
+    first = (per_slice.cumsum(0) - per_slice).repeat_interleave(per_slice)  # each tie's slice's first tie
+    rank = torch.arange(where.numel(), device=ties.device) - first
     later = torch.zeros(moved.numel(), dtype=torch.bool, device=ties.device)
     later[where[rank >= n_first.movedim(dim, -1).reshape(-1)[slices]]] = True
     return later.view(moved.shape).movedim(-1, dim)

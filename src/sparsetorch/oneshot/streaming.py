@@ -276,7 +276,7 @@ class StreamedBlocks:
         inside = self.path + "."
         for name, module in self.model.named_modules():
             owns_parameters = next(module.parameters(recurse=False), None) is not None
-            if name and not name.startswith(inside) and name != self.path and owns_parameters:
+            if name and not name.startswith(inside) and owns_parameters:
                 module.to("meta")
         self.model.tie_weights()  # moved one by one, tied weights came apart
         give_back_free_memory()
